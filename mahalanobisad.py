@@ -8,6 +8,7 @@ Mahalanobis distance, decide the verdict with a threshold derived from labelled 
     python3 mahalanobisad.py --input IMG --savepath OUT   # one image -> OUT figure
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,6 +17,7 @@ import sys
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import anomaly_model
 import image_utils
@@ -183,8 +185,11 @@ def score_images(paths, extractor, spec, image_model, pixel_model, args, masks_f
         if masks_from is not None:
             mask_path = image_utils.find_mask(path, *masks_from)
             if mask_path is not None:
-                gt_mask = image_utils.mask_view(image_utils.load_mask(mask_path, image.shape),
-                                                spec.resize_size, spec.input_size)
+                try:
+                    gt_mask = image_utils.load_mask(mask_path, image.shape)
+                except ImageError as e:  # broken ground truth would bias the threshold: stop
+                    raise UsageError(f'ground truth unusable: {e}') from None
+                gt_mask = image_utils.mask_view(gt_mask, spec.resize_size, spec.input_size)
         view = image_utils.network_view(image, spec.resize_size, spec.input_size)
         return view, gt_mask
 
@@ -307,9 +312,28 @@ def list_inputs(inputs):
     return listed
 
 
+def report_images(inputs, labelled, fresh, threshold, pixel_threshold, args):
+    """Verdict, log line and figure for each input -> JSON records [{path, score, anomaly}]."""
+    results = []
+    for path, name in inputs:
+        scored = labelled.get(os.path.realpath(path)) or next(fresh)
+        if scored is None:
+            continue
+        anomalous = scored.score >= threshold
+        results.append({'path': path, 'score': scored.score, 'anomaly': bool(anomalous)})
+        figure = None
+        if not args.no_figures:
+            figure = (args.savepath or DEFAULT_SINGLE_SAVEPATH if len(inputs) == 1
+                      else os.path.join(args.savepath or DEFAULT_MULTI_SAVEPATH, name + '.png'))
+            plot_utils.save_figure(figure, scored.view, scored.gt_mask, scored.anomaly_map,
+                                   scored.score, threshold, pixel_threshold, title=path)
+        logger.info('%s : score %.3f threshold %.3f -> %s%s', path, scored.score, threshold,
+                    'ANOMALY' if anomalous else 'normal', f'  [{figure}]' if figure else '')
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
 
     spec, onnx_path = model_utils.resolve_model(args.model, args.model_dir)
     extractor = model_utils.FeatureExtractor(onnx_path)
@@ -327,24 +351,11 @@ def main(argv=None):
     logger.info('scoring %d images (threshold %.3f from %s)', len(inputs), threshold, threshold_source)
     fresh = score_images([p for p, _ in inputs if os.path.realpath(p) not in labelled],
                          extractor, spec, image_model, pixel_model, args)
-    results = []
-    for path, name in inputs:
-        scored = labelled.get(os.path.realpath(path)) or next(fresh)
-        if scored is None:
-            continue
-        anomalous = scored.score >= threshold
-        logger.info('%s : score %.3f threshold %.3f -> %s', path, scored.score, threshold,
-                    'ANOMALY' if anomalous else 'normal')
-        results.append({'path': path, 'score': scored.score, 'anomaly': bool(anomalous)})
-        if not args.no_figures:
-            savepath = (args.savepath or DEFAULT_SINGLE_SAVEPATH if len(inputs) == 1
-                        else os.path.join(args.savepath or DEFAULT_MULTI_SAVEPATH, name + '.png'))
-            plot_utils.save_figure(savepath, scored.view, scored.gt_mask, scored.anomaly_map,
-                                   scored.score, threshold, pixel_threshold, title=path)
+    with contextlib.closing(fresh):
+        results = report_images(inputs, labelled, fresh, threshold, pixel_threshold, args)
     if not results:
         raise ImageError('none of the input images could be read')
-    logger.info('%d of %d images anomalous%s', sum(r['anomaly'] for r in results), len(results),
-                '' if args.no_figures else f'; figures in {args.savepath or (DEFAULT_SINGLE_SAVEPATH if len(inputs) == 1 else DEFAULT_MULTI_SAVEPATH)}')
+    logger.info('%d of %d images anomalous', sum(r['anomaly'] for r in results), len(results))
     if args.json:
         report = {'model': spec.name, 'threshold': threshold, 'threshold_source': threshold_source,
                   'pixel_threshold': pixel_threshold, 'images': results}
@@ -353,11 +364,19 @@ def main(argv=None):
     return results
 
 
-if __name__ == '__main__':
+def run(argv=None):
+    """main() with the tool's errors as one line on stderr and exit code 1 (2 for bad flags)."""
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
     try:
-        main()
+        with logging_redirect_tqdm():
+            main(argv)
     except (ModelError, ImageError, FeatureFileError, UsageError) as e:
         print(f'mahalanobisad.py: error: {e}', file=sys.stderr)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run())
