@@ -169,21 +169,21 @@ def augment(image, rng, resize_size, crop_size):
 
 
 def stream(items, load, batch_size, workers=None):
-    """Apply `load` to `items` in a thread pool and yield results in order, in lists of batch_size.
+    """Apply `load` to `items` in a thread pool; yield lists of (item, result) in order, batch_size long.
 
-    Each result is `load(item)`, or the ImageError it raised. At most two batches are in flight,
-    so memory stays flat in the number of items while decoding overlaps the caller's work
-    (OpenCV releases the GIL while decoding and resizing).
+    result is `load(item)`, or the ImageError it raised. At most two batches are in flight, so
+    memory stays flat in the number of items while decoding overlaps the caller's work (OpenCV
+    releases the GIL while decoding and resizing).
     """
     workers = workers or os.cpu_count() or 1
     items = iter(items)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         def submit():
-            return [pool.submit(_capture, load, item) for item in itertools.islice(items, batch_size)]
+            return [(item, pool.submit(_capture, load, item)) for item in itertools.islice(items, batch_size)]
         pending = submit()
         while pending:
             ahead = submit()
-            yield [f.result() for f in pending]
+            yield [(item, future.result()) for item, future in pending]
             pending = ahead
 
 

@@ -105,45 +105,39 @@ class ScoredImage:
 # image -> tensor -> features
 # ----------------------------------------------------------------------------------------------
 
-def extract(extractor, tensors, pixel_model):
-    """Backbone on a batch (N, 3, S, S) -> (pooled features per level, pixel embeddings or None)."""
-    feature_maps = extractor(np.stack(tensors))
-    embeddings = pixel_model.embed(feature_maps) if pixel_model is not None else None
-    return anomaly_model.pool_features(feature_maps), embeddings
-
-
 def fit(train_paths, extractor, spec, args):
     """Fit both models on the training images -> (MahalanobisAD, PixelGaussian or None, holdout thresholds)."""
     copies = 1 + (args.aug_num if args.aug else 0)
-    items = [(index, path, copy) for index, path in enumerate(train_paths) for copy in range(copies)]
 
     def load(item):
-        index, path, copy = item
+        """All views of one training image (decoded once): the plain one, then the augmented ones."""
+        index, path = item
         image = image_utils.load_image(path)
-        if copy == 0:
-            view = image_utils.network_view(image, spec.resize_size, spec.input_size)
-        else:  # seeded per (image, copy): the same views whatever the thread order
+        views = [image_utils.network_view(image, spec.resize_size, spec.input_size)]
+        for copy in range(1, copies):  # seeded per (image, copy): the same views whatever the thread order
             rng = np.random.default_rng([args.seed, index, copy])
-            view = image_utils.augment(image, rng, spec.resize_size, spec.input_size)
-        return image_utils.to_tensor(view, spec.mean, spec.std)
+            views.append(image_utils.augment(image, rng, spec.resize_size, spec.input_size))
+        return [image_utils.to_tensor(view, spec.mean, spec.std) for view in views]
 
-    pooled, embeddings, groups, pixel_model, skipped = [], [], [], None, set()
+    pooled, embeddings, groups, pixel_model = [], [], [], None
+    items = list(enumerate(train_paths))
     with tqdm(total=len(items), desc='fit: features', unit='img') as progress:
-        for batch_items, batch in zip(_chunks(items, args.batch_size), image_utils.stream(items, load, args.batch_size)):
-            good = [(item, tensor) for item, tensor in zip(batch_items, batch) if not isinstance(tensor, ImageError)]
-            for item, error in zip(batch_items, batch):
-                if isinstance(error, ImageError) and item[0] not in skipped:
-                    skipped.add(item[0])
-                    logger.warning('skipping training image: %s', error)
+        for batch in image_utils.stream(items, load, args.batch_size):
             progress.update(len(batch))
-            if not good:
-                continue
-            if pixel_model is None and not pooled:
-                pixel_model = make_pixel_model(extractor, spec, good[0][1])
-            features, batch_embeddings = extract(extractor, [t for _, t in good], pixel_model)
-            pooled.append(features)
-            embeddings.append(batch_embeddings)
-            groups += [item[0] for item, _ in good]
+            tensors = []
+            for (index, _), loaded in batch:
+                if isinstance(loaded, ImageError):
+                    logger.warning('skipping training image: %s', loaded)
+                    continue
+                tensors += loaded
+                groups += [index] * len(loaded)
+            for start in range(0, len(tensors), args.batch_size):
+                feature_maps = extractor(np.stack(tensors[start:start + args.batch_size]))
+                if not pooled:
+                    pixel_model = make_pixel_model(spec, feature_maps)
+                pooled.append(anomaly_model.pool_features(feature_maps))
+                if pixel_model is not None:
+                    embeddings.append(pixel_model.embed(feature_maps))
     if len(set(groups)) < 2:
         raise UsageError(f'need at least 2 readable training images, found {len(set(groups))} in {args.train_dir}')
     train_features = [np.concatenate(level) for level in zip(*pooled)]
@@ -161,19 +155,14 @@ def fit(train_paths, extractor, spec, args):
     return image_model, pixel_model, holdout_thresholds
 
 
-def make_pixel_model(extractor, spec, tensor):
+def make_pixel_model(spec, feature_maps):
     """The pixel model suited to this backbone's map sizes, or None if it has no usable maps."""
-    sizes = [m.shape[-1] for m in extractor(tensor[None])]
+    sizes = [m.shape[-1] for m in feature_maps]
     levels = anomaly_model.choose_pixel_levels(sizes, spec.input_size)
     if not levels:
         logger.warning('%s has no feature maps of stride 4..16: image-level scores only, no heat maps', spec.name)
         return None
     return PixelGaussian(levels, min(sizes[l] for l in levels))
-
-
-def _chunks(items, size):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def score_images(paths, extractor, spec, image_model, pixel_model, args, masks_from=None, desc='score'):
@@ -194,19 +183,19 @@ def score_images(paths, extractor, spec, image_model, pixel_model, args, masks_f
         return view, gt_mask
 
     with tqdm(total=len(paths), desc=desc, unit='img', leave=False) as progress:
-        for batch_paths, batch in zip(_chunks(paths, args.batch_size), image_utils.stream(paths, load, args.batch_size)):
+        for batch in image_utils.stream(paths, load, args.batch_size):
             progress.update(len(batch))
-            good = [(path, *loaded) for path, loaded in zip(batch_paths, batch) if not isinstance(loaded, ImageError)]
+            good = [(path, *loaded) for path, loaded in batch if not isinstance(loaded, ImageError)]
             scored = {}
             if good:
-                features, embeddings = extract(extractor, [image_utils.to_tensor(v, spec.mean, spec.std)
-                                                           for _, v, _ in good], pixel_model)
-                scores = image_model.score(features)
-                maps = (pixel_model.score_maps(embeddings, spec.input_size) if pixel_model is not None
-                        else [None] * len(good))
+                feature_maps = extractor(np.stack([image_utils.to_tensor(view, spec.mean, spec.std)
+                                                   for _, view, _ in good]))
+                scores = image_model.score(anomaly_model.pool_features(feature_maps))
+                maps = (pixel_model.score_maps(pixel_model.embed(feature_maps), spec.input_size)
+                        if pixel_model is not None else [None] * len(good))
                 scored = {path: ScoredImage(path, float(score), view, anomaly_map, gt_mask)
                           for (path, view, gt_mask), score, anomaly_map in zip(good, scores, maps)}
-            for path, loaded in zip(batch_paths, batch):
+            for path, loaded in batch:
                 if isinstance(loaded, ImageError):
                     logger.warning('skipping: %s', loaded)
                 yield scored.get(path)

@@ -126,5 +126,7 @@ def test_stream_keeps_order_and_returns_errors():
         return i * 10
     batches = list(image_utils.stream(range(7), load, batch_size=3))
     assert [len(b) for b in batches] == [3, 3, 1]
-    flat = [x for b in batches for x in b]
-    assert flat[:3] == [0, 10, 20] and isinstance(flat[3], ImageError) and flat[4:] == [40, 50, 60]
+    pairs = [pair for b in batches for pair in b]
+    assert [item for item, _ in pairs] == list(range(7))
+    results = [result for _, result in pairs]
+    assert results[:3] == [0, 10, 20] and isinstance(results[3], ImageError) and results[4:] == [40, 50, 60]
