@@ -105,9 +105,10 @@ class ScoredImage:
 # image -> tensor -> features
 # ----------------------------------------------------------------------------------------------
 
-def fit(train_paths, extractor, spec, args):
-    """Fit both models on the training images -> (MahalanobisAD, PixelGaussian or None, holdout thresholds)."""
-    copies = 1 + (args.aug_num if args.aug else 0)
+def fit(train_paths, extractor, spec, batch_size=16, aug_num=0, seed=0):
+    """Fit both models on the training images (plus aug_num augmented views of each)
+    -> (MahalanobisAD, PixelGaussian or None, holdout thresholds {'image', 'pixel'})."""
+    copies = 1 + aug_num
 
     def load(item):
         """All views of one training image (decoded once): the plain one, then the augmented ones."""
@@ -115,14 +116,14 @@ def fit(train_paths, extractor, spec, args):
         image = image_utils.load_image(path)
         views = [image_utils.network_view(image, spec.resize_size, spec.input_size)]
         for copy in range(1, copies):  # seeded per (image, copy): the same views whatever the thread order
-            rng = np.random.default_rng([args.seed, index, copy])
+            rng = np.random.default_rng([seed, index, copy])
             views.append(image_utils.augment(image, rng, spec.resize_size, spec.input_size))
         return [image_utils.to_tensor(view, spec.mean, spec.std) for view in views]
 
     pooled, embeddings, groups, pixel_model = [], [], [], None
     items = list(enumerate(train_paths))
     with tqdm(total=len(items), desc='fit: features', unit='img') as progress:
-        for batch in image_utils.stream(items, load, args.batch_size):
+        for batch in image_utils.stream(items, load, batch_size):
             progress.update(len(batch))
             tensors = []
             for (index, _), loaded in batch:
@@ -131,15 +132,15 @@ def fit(train_paths, extractor, spec, args):
                     continue
                 tensors += loaded
                 groups += [index] * len(loaded)
-            for start in range(0, len(tensors), args.batch_size):
-                feature_maps = extractor(np.stack(tensors[start:start + args.batch_size]))
+            for start in range(0, len(tensors), batch_size):
+                feature_maps = extractor(np.stack(tensors[start:start + batch_size]))
                 if not pooled:
                     pixel_model = make_pixel_model(spec, feature_maps)
                 pooled.append(anomaly_model.pool_features(feature_maps))
                 if pixel_model is not None:
                     embeddings.append(pixel_model.embed(feature_maps))
     if len(set(groups)) < 2:
-        raise UsageError(f'need at least 2 readable training images, found {len(set(groups))} in {args.train_dir}')
+        raise UsageError(f'need at least 2 readable training images, found {len(set(groups))}')
     train_features = [np.concatenate(level) for level in zip(*pooled)]
     train_embeddings = np.concatenate(embeddings, axis=1) if pixel_model is not None else None
     logger.info('fitting on %d views of %d images (%d levels%s)', len(groups), len(set(groups)),
@@ -149,7 +150,7 @@ def fit(train_paths, extractor, spec, args):
         pixel_model.fit(train_embeddings)
     image_scores, pixel_maps = anomaly_model.holdout_scores(
         train_features, train_embeddings, np.array(groups), pixel_model.grid if pixel_model else 0,
-        spec.input_size, seed=args.seed)
+        spec.input_size, seed=seed)
     holdout_thresholds = {'image': float(image_scores.max()),
                           'pixel': float(pixel_maps.max()) if pixel_maps is not None else None}
     return image_model, pixel_model, holdout_thresholds
@@ -165,7 +166,7 @@ def make_pixel_model(spec, feature_maps):
     return PixelGaussian(levels, min(sizes[l] for l in levels))
 
 
-def score_images(paths, extractor, spec, image_model, pixel_model, args, masks_from=None, desc='score'):
+def score_images(paths, extractor, spec, image_model, pixel_model, batch_size=16, masks_from=None, desc='score'):
     """Yield, for each of `paths` in order, its ScoredImage, or None if it cannot be read (with a
     warning). masks_from: (test_dir, gt_dir) to attach ground-truth masks, or None."""
     def load(path):
@@ -183,7 +184,7 @@ def score_images(paths, extractor, spec, image_model, pixel_model, args, masks_f
         return view, gt_mask
 
     with tqdm(total=len(paths), desc=desc, unit='img', leave=False) as progress:
-        for batch in image_utils.stream(paths, load, args.batch_size):
+        for batch in image_utils.stream(paths, load, batch_size):
             progress.update(len(batch))
             good = [(path, *loaded) for path, loaded in batch if not isinstance(loaded, ImageError)]
             scored = {}
@@ -223,7 +224,8 @@ def load_or_fit(extractor, spec, args):
     train_paths = image_utils.list_images(args.train_dir)
     logger.info('fitting on %d training images from %s%s', len(train_paths), args.train_dir,
                 f' with {args.aug_num} augmented copies each' if args.aug else '')
-    image_model, pixel_model, holdout_thresholds = fit(train_paths, extractor, spec, args)
+    image_model, pixel_model, holdout_thresholds = fit(train_paths, extractor, spec, args.batch_size,
+                                                       settings['aug_num'], args.seed)
     meta = dict(settings, n_train_images=len(train_paths), image_levels=list(range(len(image_model.means_))),
                 pixel_levels=pixel_model.levels if pixel_model else [],
                 pixel_grid=pixel_model.grid if pixel_model else 0, holdout_thresholds=holdout_thresholds)
@@ -256,7 +258,7 @@ def decide_thresholds(extractor, spec, image_model, pixel_model, meta, args):
             raise UsageError(f'no such directory: {folder}')
     if os.path.isdir(test_dir) and os.path.isdir(gt_dir):
         paths = image_utils.list_images(test_dir)
-        scored = [s for s in score_images(paths, extractor, spec, image_model, pixel_model, args,
+        scored = [s for s in score_images(paths, extractor, spec, image_model, pixel_model, args.batch_size,
                                           masks_from=(test_dir, gt_dir), desc='threshold: labelled images') if s]
         labelled = {os.path.realpath(s.path): s for s in scored}
         labels = np.array([s.gt_mask is not None and s.gt_mask.any() for s in scored])
@@ -339,7 +341,7 @@ def main(argv=None):
 
     logger.info('scoring %d images (threshold %.3f from %s)', len(inputs), threshold, threshold_source)
     fresh = score_images([p for p, _ in inputs if os.path.realpath(p) not in labelled],
-                         extractor, spec, image_model, pixel_model, args)
+                         extractor, spec, image_model, pixel_model, args.batch_size)
     with contextlib.closing(fresh):
         results = report_images(inputs, labelled, fresh, threshold, pixel_threshold, args)
     if not results:
@@ -353,18 +355,23 @@ def main(argv=None):
     return results
 
 
-def run(argv=None):
-    """main() with the tool's errors as one line on stderr and exit code 1 (2 for bad flags)."""
+def run_cli(main, prog, argv=None):
+    """Run `main(argv)` as a command: the tool's errors as one line on stderr and exit code 1
+    (argparse's exit code 2 for bad flags), progress bars kept apart from log lines."""
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
     try:
         with logging_redirect_tqdm():
             main(argv)
     except (ModelError, ImageError, FeatureFileError, UsageError) as e:
-        print(f'mahalanobisad.py: error: {e}', file=sys.stderr)
+        print(f'{prog}: error: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def run(argv=None):
+    return run_cli(main, 'mahalanobisad.py', argv)
 
 
 if __name__ == '__main__':

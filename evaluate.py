@@ -1,0 +1,270 @@
+"""MVTec-style evaluation: accuracy and speed per category, with the tool's own fit and score code.
+
+    python3 evaluate.py --data_path ../shared/data/mvtec                     # every category found
+    python3 evaluate.py --data_path DATA --category bottle -m lite0 --save_path results/
+
+A dataset root holds one folder per category in the MVTec AD layout: train/good/, test/<defect>/,
+ground_truth/<defect>/NNN_mask.png (a category without ground_truth/ is evaluated image-level only).
+"""
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import resource
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import ndimage  # noqa: E402
+from sklearn.metrics import auc, roc_auc_score, roc_curve  # noqa: E402
+
+import anomaly_model  # noqa: E402
+import image_utils  # noqa: E402
+import mahalanobisad  # noqa: E402
+import model_utils  # noqa: E402
+import plot_utils  # noqa: E402
+
+logger = logging.getLogger('evaluate')
+
+METRIC_KEYS = ('category', 'method', 'model', 'image_auroc', 'pixel_auroc', 'aupro', 'image_f1',
+               'fit_s', 'images_per_s', 'peak_mb')
+EXAMPLES_PER_END = 2  # figures of the best and of the worst scored defects
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------
+
+def aupro(masks, maps, max_fpr=0.3):
+    """Area under the per-region-overlap curve up to `max_fpr`, normalised to [0, 1] (MVTec AD).
+
+    masks: bool (N, H, W) ground truth; maps: float (N, H, W) anomaly maps. For every threshold,
+    PRO is the mean over all connected defect regions of the fraction of the region flagged, and
+    FPR the fraction of defect-free pixels flagged; the curve is integrated over FPR in [0, max_fpr].
+    Exact at every distinct score (one sort, cumulative sums), as in the MVTec AD evaluation code.
+    Returns None when there are no defect regions.
+    """
+    masks, maps = np.asarray(masks, bool), np.asarray(maps, np.float64)
+    regions = np.zeros(masks.shape, np.int64)
+    n_regions = 0
+    for i, mask in enumerate(masks):
+        labels, count = ndimage.label(mask)
+        regions[i] = np.where(labels > 0, labels + n_regions, 0)
+        n_regions += count
+    if n_regions == 0:
+        return None
+    region_sizes = np.bincount(regions.ravel(), minlength=n_regions + 1)
+    # Each defect pixel adds 1 / (its region's size * number of regions) to PRO when flagged;
+    # each normal pixel adds 1 / (number of normal pixels) to FPR.
+    pro_weight = np.where(regions > 0, 1.0 / (region_sizes[regions] * n_regions), 0.0).ravel()
+    fpr_weight = np.where(regions == 0, 1.0 / (regions == 0).sum(), 0.0).ravel()
+    order = np.argsort(-maps.ravel(), kind='stable')
+    scores = maps.ravel()[order]
+    fpr, pro = np.cumsum(fpr_weight[order]), np.cumsum(pro_weight[order])
+    last_of_each_score = np.r_[np.nonzero(np.diff(scores))[0], scores.size - 1]  # ties flip together
+    fpr, pro = np.r_[0.0, fpr[last_of_each_score]], np.r_[0.0, pro[last_of_each_score]]
+    inside = fpr <= max_fpr
+    end_pro = np.interp(max_fpr, fpr, pro)
+    fpr, pro = np.r_[fpr[inside], max_fpr], np.r_[pro[inside], end_pro]
+    return float(auc(fpr, pro) / max_fpr)
+
+
+def peak_memory_mb():
+    """Peak resident memory of this process since the last reset_peak_memory(), MiB."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory():
+    """Start a new peak-memory window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass  # elsewhere the peak is the process's, since its start
+
+
+# ----------------------------------------------------------------------------------------------
+# one category
+# ----------------------------------------------------------------------------------------------
+
+def evaluate_category(root, extractor, spec, args):
+    """Fit on root/train/good, score root/test
+    -> (metrics row, scored test images, their labels, pixel threshold from the training hold-out)."""
+    category = os.path.basename(os.path.normpath(root))
+    train_paths = image_utils.list_images(os.path.join(root, 'train', 'good'))
+    test_dir, gt_dir = os.path.join(root, 'test'), os.path.join(root, 'ground_truth')
+    test_paths = image_utils.list_images(test_dir)
+    has_ground_truth = os.path.isdir(gt_dir)
+    logger.info('%s: %d train images, %d test images%s', category, len(train_paths), len(test_paths),
+                '' if has_ground_truth else ' (no ground_truth/: image-level only)')
+
+    reset_peak_memory()
+    start = time.perf_counter()
+    image_model, pixel_model, holdout_thresholds = mahalanobisad.fit(train_paths, extractor, spec, args.batch_size,
+                                                    args.aug_num if args.aug else 0, args.seed)
+    fit_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    scored = [s for s in mahalanobisad.score_images(
+        test_paths, extractor, spec, image_model, pixel_model, args.batch_size,
+        masks_from=(test_dir, gt_dir) if has_ground_truth else None, desc=f'{category}: score') if s]
+    images_per_s = len(scored) / (time.perf_counter() - start)
+
+    # An image is anomalous if it has a defect mask, or (without ground truth) lies outside test/good.
+    labels = np.array([s.gt_mask.any() if s.gt_mask is not None
+                       else os.path.relpath(s.path, test_dir).split(os.sep)[0] != 'good' for s in scored])
+    scores = np.array([s.score for s in scored])
+    if labels.all() or not labels.any():
+        raise mahalanobisad.UsageError(f'{test_dir} needs both good and defective images to evaluate')
+    row = {'category': category, 'method': 'mahalanobis', 'model': spec.name,
+           'image_auroc': float(roc_auc_score(labels, scores)),
+           'pixel_auroc': None, 'aupro': None,
+           'image_f1': anomaly_model.f1_optimal_threshold(labels, scores)[1],
+           'fit_s': fit_s, 'images_per_s': images_per_s, 'peak_mb': peak_memory_mb()}
+    if has_ground_truth and pixel_model is not None:
+        masks = np.stack([s.gt_mask if s.gt_mask is not None else np.zeros(s.view.shape[:2], bool) for s in scored])
+        maps = np.stack([s.anomaly_map for s in scored])
+        row['pixel_auroc'] = float(roc_auc_score(masks.ravel(), maps.ravel()))
+        row['aupro'] = aupro(masks, maps)
+    return row, scored, labels, holdout_thresholds['pixel']
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+# ----------------------------------------------------------------------------------------------
+
+def save_roc_figure(path, category, labels, scores, title):
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, label=f'AUROC {roc_auc_score(labels, scores):.4f}')
+    ax.plot([0, 1], [0, 1], color='gray', linestyle=':')
+    ax.set(xlabel='false positive rate', ylabel='true positive rate', title=f'{category}: {title}',
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc='lower right')
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=100)
+    plt.close(fig)
+    model_utils.atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_category_figures(folder, row, scored, labels, pixel_threshold):
+    """ROC curves (image-level, and pixel-level where there are masks) and example figures; their
+    pixel threshold is F1-optimal where there are masks, else `pixel_threshold`."""
+    category = row['category']
+    scores = np.array([s.score for s in scored])
+    save_roc_figure(os.path.join(folder, f'{category}_image_roc.png'), category, labels, scores, 'image ROC')
+    if row['pixel_auroc'] is not None:
+        masks = np.concatenate([(s.gt_mask if s.gt_mask is not None else np.zeros(s.view.shape[:2], bool)).ravel()
+                                for s in scored])
+        maps = np.concatenate([s.anomaly_map.ravel() for s in scored])
+        save_roc_figure(os.path.join(folder, f'{category}_pixel_roc.png'), category, masks, maps, 'pixel ROC')
+        pixel_threshold = anomaly_model.f1_optimal_threshold(masks, maps)[0]
+    threshold = anomaly_model.f1_optimal_threshold(labels, scores)[0]
+    defects = sorted((s for s, label in zip(scored, labels) if label), key=lambda s: s.score)
+    examples = {'worst': defects[:EXAMPLES_PER_END], 'best': defects[::-1][:EXAMPLES_PER_END]}
+    for kind, chosen in examples.items():
+        for rank, s in enumerate(chosen):
+            plot_utils.save_figure(os.path.join(folder, f'{category}_{kind}{rank}.png'), s.view, s.gt_mask,
+                                   s.anomaly_map, s.score, threshold, pixel_threshold,
+                                   title=f'{kind} defect #{rank + 1}: {s.path}')
+
+
+def format_table(rows):
+    columns = [('category', '{}'), ('image_auroc', '{:.4f}'), ('pixel_auroc', '{:.4f}'), ('aupro', '{:.4f}'),
+               ('image_f1', '{:.4f}'), ('fit_s', '{:.1f}'), ('images_per_s', '{:.1f}'), ('peak_mb', '{:.0f}')]
+    lines = [' | '.join(name for name, _ in columns)]
+    for row in rows:
+        lines.append(' | '.join('-' if row[name] is None else fmt.format(row[name]) for name, fmt in columns))
+    return '\n'.join(lines)
+
+
+def mean_row(rows):
+    mean = {'category': 'mean', 'method': rows[0]['method'], 'model': rows[0]['model']}
+    for key in METRIC_KEYS[3:]:
+        values = [r[key] for r in rows if r[key] is not None]
+        mean[key] = float(np.mean(values)) if values else None
+    mean['peak_mb'] = max(r['peak_mb'] for r in rows)
+    return mean
+
+
+def write_results(folder, rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_KEYS, lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
+    model_utils.atomic_write_bytes(os.path.join(folder, 'metrics.csv'), buffer.getvalue().encode())
+    model_utils.atomic_write_bytes(os.path.join(folder, 'metrics.json'), json.dumps(rows, indent=1).encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = mahalanobisad.OneLineArgumentParser(prog='evaluate.py', description=__doc__.split('\n\n')[0],
+                                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--data_path', required=True, help='dataset root: one MVTec-layout folder per category')
+    p.add_argument('--category', action='append', default=None,
+                   help='category to evaluate (repeatable); default every category found')
+    p.add_argument('--save_path', default='results', help='folder for metrics.csv/json and figures')
+    p.add_argument('-m', '--model', default=model_utils.DEFAULT_MODEL, help='backbone, as in mahalanobisad.py')
+    p.add_argument('-a', '--aug', action='store_true', help='fit on augmented copies too')
+    p.add_argument('-an', '--aug_num', type=mahalanobisad.positive_int, default=5, help='augmented copies per image')
+    p.add_argument('-bs', '--batch_size', type=mahalanobisad.positive_int, default=16, help='images per backbone run')
+    p.add_argument('--seed', type=int, default=0, help='seed of augmentation')
+    p.add_argument('--model_dir', default='models', help='cache of ONNX backbones')
+    return p.parse_args(argv)
+
+
+def find_categories(data_path, requested):
+    if not os.path.isdir(data_path):
+        raise mahalanobisad.UsageError(f'no such directory: {data_path}')
+    found = sorted(d for d in os.listdir(data_path) if os.path.isdir(os.path.join(data_path, d, 'train', 'good')))
+    if requested:
+        missing = [c for c in requested if c not in found]
+        if missing:
+            raise mahalanobisad.UsageError(f'no category {", ".join(missing)} (with train/good/) in {data_path}; '
+                                           f'found: {", ".join(found) or "none"}')
+        return requested
+    if not found:
+        raise mahalanobisad.UsageError(f'no category folders with train/good/ in {data_path}')
+    return found
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    categories = find_categories(args.data_path, args.category)
+    spec, onnx_path = model_utils.resolve_model(args.model, args.model_dir)
+    extractor = model_utils.FeatureExtractor(onnx_path)
+    logger.info('evaluating %s on %s with %s', ', '.join(categories), args.data_path, spec.name)
+    os.makedirs(args.save_path, exist_ok=True)
+    rows = []
+    for category in categories:
+        row, scored, labels, pixel_threshold = evaluate_category(
+            os.path.join(args.data_path, category), extractor, spec, args)
+        save_category_figures(args.save_path, row, scored, labels, pixel_threshold)
+        rows.append(row)
+        logger.info('%s: image AUROC %.4f', category, row['image_auroc'])
+    rows.append(mean_row(rows))
+    write_results(args.save_path, rows)
+    print(format_table(rows))
+    logger.info('wrote %s and %s', os.path.join(args.save_path, 'metrics.csv'), os.path.join(args.save_path, 'metrics.json'))
+    return rows
+
+
+if __name__ == '__main__':
+    sys.exit(mahalanobisad.run_cli(main, 'evaluate.py'))
