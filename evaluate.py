@@ -227,6 +227,7 @@ def parse_args(argv=None):
     p.add_argument('-bs', '--batch_size', type=mahalanobisad.positive_int, default=16, help='images per backbone run')
     p.add_argument('--seed', type=int, default=0, help='seed of augmentation')
     p.add_argument('--model_dir', default='models', help='cache of ONNX backbones')
+    p.add_argument('--model_url', default=None, help='base URL of b0..b7 downloads, as in mahalanobisad.py')
     return p.parse_args(argv)
 
 
@@ -248,7 +249,7 @@ def find_categories(data_path, requested):
 def main(argv=None):
     args = parse_args(argv)
     categories = find_categories(args.data_path, args.category)
-    spec, onnx_path = model_utils.resolve_model(args.model, args.model_dir)
+    spec, onnx_path = model_utils.resolve_model(args.model, args.model_dir, args.model_url)
     extractor = model_utils.FeatureExtractor(onnx_path)
     logger.info('evaluating %s on %s with %s', ', '.join(categories), args.data_path, spec.name)
     os.makedirs(args.save_path, exist_ok=True)

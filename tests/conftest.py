@@ -39,16 +39,31 @@ class Payload:
         return (os.system, (f'touch {self.marker}',))
 
 
+LOOPBACK_NAMES = ('localhost', '127.0.0.1', '::1')
+
+
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch):
-    """Hermetic tests: any connection to an address other than loopback fails loudly."""
+    """Hermetic tests: resolving or connecting to anything but loopback fails loudly (before any
+    packet leaves: name resolution is refused too)."""
     import ipaddress
     import socket
-    connect = socket.socket.connect
+    getaddrinfo, connect = socket.getaddrinfo, socket.socket.connect
 
-    def guarded(sock, address):
-        host = address[0] if isinstance(address, tuple) else None
-        if host is not None and not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
+    def is_loopback(host):
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host in LOOPBACK_NAMES
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if host is not None and not is_loopback(host if isinstance(host, str) else host.decode()):
+            raise AssertionError(f'test tried to resolve {host}: only loopback is allowed')
+        return getaddrinfo(host, *args, **kwargs)
+
+    def guarded_connect(sock, address):
+        if isinstance(address, tuple) and not is_loopback(address[0]):
             raise AssertionError(f'test tried to reach {address}: only loopback is allowed')
         return connect(sock, address)
-    monkeypatch.setattr(socket.socket, 'connect', guarded)
+    monkeypatch.setattr(socket, 'getaddrinfo', guarded_getaddrinfo)
+    monkeypatch.setattr(socket.socket, 'connect', guarded_connect)
