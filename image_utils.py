@@ -12,6 +12,9 @@ import os
 import cv2
 import numpy as np
 
+# Parallelism is per image (see `stream`): OpenCV's own worker threads would only compete with it.
+cv2.setNumThreads(1)
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 MASK_SUFFIXES = ('', '_mask')
 AUG_MAX_ROTATION_DEG = 10.0
@@ -73,14 +76,26 @@ def _to_uint8(image):
     raise ImageError(f'unsupported pixel type {image.dtype}')
 
 
-def load_image(path):
-    """Decode an image file to RGB uint8 (H, W, 3): any bit depth, grayscale, RGB or RGBA."""
-    image = _to_uint8(_decode(path, cv2.IMREAD_UNCHANGED))
+def _to_rgb(image):
+    """uint8 gray, BGR or BGRA (OpenCV's order) -> RGB (H, W, 3)."""
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:  # alpha is dropped: the product is what the camera saw
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def load_image(path):
+    """Decode an image file to RGB uint8 (H, W, 3): any bit depth, grayscale, RGB or RGBA."""
+    return _to_rgb(_to_uint8(_decode(path, cv2.IMREAD_UNCHANGED)))
+
+
+def load_view(path, resize_size, crop_size):
+    """`network_view(load_image(path), ...)` and the image's (H, W), for less work: the colour
+    conversion runs on the small view (resizing is per channel, so the result is identical;
+    it saves 2 ms of a 900 px image's 25)."""
+    image = _to_uint8(_decode(path, cv2.IMREAD_UNCHANGED))
+    return _to_rgb(network_view(image, resize_size, crop_size)), image.shape[:2]
 
 
 def load_mask(path, image_shape=None):

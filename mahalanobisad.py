@@ -16,6 +16,7 @@ import os
 import sys
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -117,6 +118,9 @@ def fit(train_paths, extractor, spec, batch_size=16, aug_num=0, seed=0):
     def load(item):
         """All views of one training image (decoded once): the plain one, then the augmented ones."""
         index, path = item
+        if copies == 1:
+            return [image_utils.to_tensor(image_utils.load_view(path, spec.resize_size, spec.input_size)[0],
+                                          spec.mean, spec.std)]
         image = image_utils.load_image(path)
         views = [image_utils.network_view(image, spec.resize_size, spec.input_size)]
         for copy in range(1, copies):  # seeded per (image, copy): the same views whatever the thread order
@@ -126,7 +130,7 @@ def fit(train_paths, extractor, spec, batch_size=16, aug_num=0, seed=0):
 
     pooled, embeddings, groups, pixel_model = [], [], [], None
     items = list(enumerate(train_paths))
-    with tqdm(total=len(items), desc='fit: features', unit='img') as progress:
+    with tqdm(total=len(items), desc='fit: features', unit='img') as progress, threadpool_limits(1, 'blas'):
         for batch in image_utils.stream(items, load, batch_size):
             progress.update(len(batch))
             tensors = []
@@ -175,20 +179,20 @@ def score_images(paths, extractor, spec, image_model, pixel_model, batch_size=16
     """Yield, for each of `paths` in order, its ScoredImage, or None if it cannot be read (with a
     warning). masks_from: (test_dir, gt_dir) to attach ground-truth masks, or None."""
     def load(path):
-        image = image_utils.load_image(path)
+        view, image_shape = image_utils.load_view(path, spec.resize_size, spec.input_size)
         gt_mask = None
         if masks_from is not None:
             mask_path = image_utils.find_mask(path, *masks_from)
             if mask_path is not None:
                 try:
-                    gt_mask = image_utils.load_mask(mask_path, image.shape)
+                    gt_mask = image_utils.load_mask(mask_path, image_shape)
                 except ImageError as e:  # broken ground truth would bias the threshold: stop
                     raise UsageError(f'ground truth unusable: {e}') from None
                 gt_mask = image_utils.mask_view(gt_mask, spec.resize_size, spec.input_size)
-        view = image_utils.network_view(image, spec.resize_size, spec.input_size)
         return view, gt_mask
 
-    with tqdm(total=len(paths), desc=desc, unit='img', leave=False) as progress:
+    # Scoring arithmetic stays on this thread: BLAS helper threads would compete with the decoders.
+    with tqdm(total=len(paths), desc=desc, unit='img', leave=False) as progress, threadpool_limits(1, 'blas'):
         for batch in image_utils.stream(paths, load, batch_size):
             progress.update(len(batch))
             good = [(path, *loaded) for path, loaded in batch if not isinstance(loaded, ImageError)]
@@ -251,20 +255,36 @@ def check_settings(feat_path, meta, settings, keys, what):
 # thresholds
 # ----------------------------------------------------------------------------------------------
 
-def decide_thresholds(extractor, spec, image_model, pixel_model, meta, args):
-    """-> (threshold, pixel_threshold, source, {realpath: ScoredImage} of the labelled images)."""
-    test_dir = args.test_dir or 'images'
-    gt_dir = args.gt_dir or 'gt_masks'
+def labelled_dirs(args):
+    """(test_dir, gt_dir) of the labelled images, or None where there are none."""
+    test_dir, gt_dir = args.test_dir or 'images', args.gt_dir or 'gt_masks'
+    for explicit in (args.test_dir, args.gt_dir):
+        if explicit and not os.path.isdir(explicit):
+            raise UsageError(f'no such directory: {explicit}')
+    if os.path.isdir(test_dir) and os.path.isdir(gt_dir):
+        return test_dir, gt_dir
+    logger.info('no labelled images (%s + %s)', test_dir, gt_dir)
+    return None
+
+
+def decide_thresholds(extractor, spec, image_model, pixel_model, meta, args, masks_from):
+    """-> (threshold, pixel_threshold, source, {realpath: ScoredImage} of the labelled images).
+
+    --threshold given: nothing is scored, the pixel threshold comes from the training hold-out.
+    Else the labelled images (masks_from) are scored for F1-optimal thresholds, falling back to
+    the training hold-out when they lack a class.
+    """
     labelled = {}
     image_threshold = pixel_threshold = None
     source = 'training hold-out'
-    for explicit, folder in ((args.test_dir, test_dir), (args.gt_dir, gt_dir)):
-        if explicit and not os.path.isdir(explicit):
-            raise UsageError(f'no such directory: {folder}')
-    if os.path.isdir(test_dir) and os.path.isdir(gt_dir):
+    if args.threshold is not None:
+        image_threshold, source = args.threshold, '--threshold'
+        logger.info('image threshold %.3f from --threshold', image_threshold)
+    elif masks_from is not None:
+        test_dir, gt_dir = masks_from
         paths = image_utils.list_images(test_dir)
         scored = [s for s in score_images(paths, extractor, spec, image_model, pixel_model, args.batch_size,
-                                          masks_from=(test_dir, gt_dir), desc='threshold: labelled images') if s]
+                                          masks_from=masks_from, desc='threshold: labelled images') if s]
         labelled = {os.path.realpath(s.path): s for s in scored}
         labels = np.array([s.gt_mask is not None and s.gt_mask.any() for s in scored])
         if labels.any() and not labels.all():
@@ -280,16 +300,12 @@ def decide_thresholds(extractor, spec, image_model, pixel_model, meta, args):
         else:
             logger.warning('%s has %s: cannot derive an F1-optimal threshold', test_dir,
                            'no defect masks in ' + gt_dir if not labels.any() else 'no normal images')
-    else:
-        logger.info('no labelled images (%s + %s)', test_dir, gt_dir)
     if image_threshold is None:
         image_threshold = meta['holdout_thresholds']['image']
         logger.info('image threshold %.3f: the largest score of held-out training images', image_threshold)
     if pixel_threshold is None and pixel_model is not None:
         pixel_threshold = meta['holdout_thresholds']['pixel']
-    if args.threshold is not None:
-        image_threshold, source = args.threshold, '--threshold'
-        logger.info('image threshold %.3f from --threshold', image_threshold)
+        logger.info('pixel threshold %.3f: the largest pixel score of held-out training images', pixel_threshold)
     return image_threshold, pixel_threshold, source, labelled
 
 
@@ -308,8 +324,9 @@ def list_inputs(inputs):
     return listed
 
 
-def report_images(inputs, labelled, fresh, threshold, pixel_threshold, args):
-    """Verdict, log line and figure for each input -> JSON records [{path, score, anomaly}]."""
+def report_images(inputs, labelled, fresh, threshold, pixel_threshold, args, figures):
+    """Verdict, log line and figure (queued on the FigureWriter `figures`) for each input
+    -> JSON records [{path, score, anomaly}]."""
     results = []
     for path, name in inputs:
         scored = labelled.get(os.path.realpath(path)) or next(fresh)
@@ -321,8 +338,8 @@ def report_images(inputs, labelled, fresh, threshold, pixel_threshold, args):
         if not args.no_figures:
             figure = (args.savepath or DEFAULT_SINGLE_SAVEPATH if len(inputs) == 1
                       else os.path.join(args.savepath or DEFAULT_MULTI_SAVEPATH, name + '.png'))
-            plot_utils.save_figure(figure, scored.view, scored.gt_mask, scored.anomaly_map,
-                                   scored.score, threshold, pixel_threshold, title=path)
+            figures.submit(figure, scored.view, scored.gt_mask, scored.anomaly_map,
+                           scored.score, threshold, pixel_threshold, title=path)
         logger.info('%s : score %.3f threshold %.3f -> %s%s', path, scored.score, threshold,
                     'ANOMALY' if anomalous else 'normal', f'  [{figure}]' if figure else '')
     return results
@@ -341,14 +358,15 @@ def main(argv=None):
         raise UsageError(f'{len(inputs)} inputs: --savepath must be a directory, not {args.savepath}')
 
     meta, image_model, pixel_model = load_or_fit(extractor, spec, args)
+    masks_from = labelled_dirs(args)
     threshold, pixel_threshold, threshold_source, labelled = decide_thresholds(
-        extractor, spec, image_model, pixel_model, meta, args)
+        extractor, spec, image_model, pixel_model, meta, args, masks_from)
 
     logger.info('scoring %d images (threshold %.3f from %s)', len(inputs), threshold, threshold_source)
     fresh = score_images([p for p, _ in inputs if os.path.realpath(p) not in labelled],
-                         extractor, spec, image_model, pixel_model, args.batch_size)
-    with contextlib.closing(fresh):
-        results = report_images(inputs, labelled, fresh, threshold, pixel_threshold, args)
+                         extractor, spec, image_model, pixel_model, args.batch_size, masks_from)
+    with contextlib.closing(fresh), plot_utils.FigureWriter() as figures:
+        results = report_images(inputs, labelled, fresh, threshold, pixel_threshold, args, figures)
     if not results:
         raise ImageError('none of the input images could be read')
     logger.info('%d of %d images anomalous', sum(r['anomaly'] for r in results), len(results))
@@ -367,7 +385,7 @@ def run_cli(main, prog, argv=None):
     try:
         with logging_redirect_tqdm():
             main(argv)
-    except (ModelError, ImageError, FeatureFileError, UsageError) as e:
+    except (ModelError, ImageError, FeatureFileError, UsageError, OSError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

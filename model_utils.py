@@ -322,14 +322,19 @@ def atomic_write_bytes(path, data):
     """Write `data` to `path` through a temporary file in the same folder and a rename,
     so a reader never sees a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    except OSError as e:
+        raise OSError(f'cannot write {path}: {e.strerror or e}') from None
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(f'cannot write {path}: {e.strerror or e}') from None
         raise
 
 
@@ -337,6 +342,8 @@ def _open_session(path_or_bytes):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = os.cpu_count() or 1
+    # Idle intra-op threads would spin and take the cores from the image decoders running alongside.
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     options.log_severity_level = 3
     return ort.InferenceSession(path_or_bytes, options, providers=['CPUExecutionProvider'])
 

@@ -24,7 +24,7 @@ def test_mahalanobis_matches_scipy_and_sklearn():
         lw = LedoitWolf().fit(level_train)
         inverse = np.linalg.inv(lw.covariance_)
         expected += [mahalanobis(x, lw.location_, inverse) for x in level_test]
-    np.testing.assert_allclose(model.score(test), expected, rtol=1e-9)
+    np.testing.assert_allclose(model.score(test), expected, rtol=1e-5)  # float32 scoring: within 1e-5
     assert model.level_distances(test).shape == (9, 3)
 
 
@@ -152,3 +152,14 @@ def test_feature_file_version_and_format_checked(tmp_path):
         anomaly_model.load_feature_file(path)
     with pytest.raises(FeatureFileError, match='not found'):
         anomaly_model.load_feature_file(str(tmp_path / 'none.pkl'))
+
+
+def test_pooling_matrix_integer_and_fractional_factors():
+    rng = np.random.default_rng(6)
+    maps = rng.standard_normal((2, 3, 56, 56)).astype(np.float32)
+    pool = anomaly_model._pooling_matrix(56, 14)
+    np.testing.assert_allclose(pool.T @ maps @ pool, maps.reshape(2, 3, 14, 4, 14, 4).mean(axis=(3, 5)), atol=1e-6)
+    fractional = anomaly_model._pooling_matrix(65, 17)
+    np.testing.assert_allclose(fractional.sum(axis=0), 1, rtol=1e-6)  # each cell is an average
+    np.testing.assert_allclose(np.ones(65, np.float32) @ fractional, 1, rtol=1e-6)
+    assert (fractional > 0).sum(axis=0).max() <= 5  # each cell covers about 65 / 17 pixels

@@ -156,6 +156,7 @@ def make_dir_with(tmp_path, name, count, corrupt=0):
     ('mask_size_mismatch', 'but its image is'),
     ('savepath_file_for_many', '--savepath must be a directory'),
     ('missing_test_dir', 'no such directory'),
+    ('unwritable_savepath', 'cannot write'),
 ])
 def test_errors_are_one_line_with_nonzero_exit(tmp_path, case, message, fitted, model_dir, capsys):
     args = ['-f', fitted, '-i', 'images/good_000.png', '--no_figures']
@@ -183,6 +184,9 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, case, message, fitted, 
         args = ['-f', fitted, '-i', 'images', '-s', str(tmp_path / 'x.png')]
     elif case == 'missing_test_dir':
         args += ['--test_dir', str(tmp_path / 'no_test')]
+    elif case == 'unwritable_savepath':
+        (tmp_path / 'afile').write_text('x')
+        args = ['-f', fitted, '-i', 'images/good_000.png', '-s', str(tmp_path / 'afile' / 'fig.png')]
     code, err = cli(args, model_dir, capsys)
     assert code == 1
     lines = [line for line in re.split(r'[\r\n]', err) if line.startswith('mahalanobisad.py: error:')]

@@ -130,3 +130,30 @@ def test_stream_keeps_order_and_returns_errors():
     assert [item for item, _ in pairs] == list(range(7))
     results = [result for _, result in pairs]
     assert results[:3] == [0, 10, 20] and isinstance(results[3], ImageError) and results[4:] == [40, 50, 60]
+
+
+def test_load_view_equals_network_view_of_load_image(tmp_path):
+    rng = np.random.default_rng(5)
+    cases = {'bgr.png': rng.integers(0, 255, (300, 420, 3), dtype=np.uint8),
+             'gray.png': rng.integers(0, 255, (300, 420), dtype=np.uint8),
+             'bgra.png': rng.integers(0, 255, (300, 420, 4), dtype=np.uint8),
+             'deep.png': rng.integers(0, 65535, (300, 420, 3), dtype=np.uint16)}
+    for name, array in cases.items():
+        path = write(tmp_path / name, array)
+        view, shape = image_utils.load_view(path, 256, 224)
+        assert shape == (300, 420), name
+        np.testing.assert_array_equal(view, image_utils.network_view(image_utils.load_image(path), 256, 224), name)
+
+
+def test_stream_reads_at_most_two_batches_ahead():
+    pulled = []
+
+    def items():
+        for i in range(100):
+            pulled.append(i)
+            yield i
+    batches = image_utils.stream(items(), lambda i: i, batch_size=4)
+    first = next(batches)
+    assert [item for item, _ in first] == [0, 1, 2, 3]
+    assert len(pulled) <= 8  # memory stays flat in the number of inputs
+    batches.close()
