@@ -17,7 +17,6 @@ reports images/s and peak memory; --fit_sizes times fitting on that many trainin
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -104,14 +103,14 @@ def scaling(sizes, test_paths, feat, threshold, model_dir):
         with tempfile.TemporaryDirectory() as folder:
             for i, path in enumerate(repeated(test_paths, count)):
                 os.symlink(os.path.abspath(path), os.path.join(folder, f'{i:06d}.png'))
-            code = ('import resource, sys, time; sys.path.insert(0, sys.argv[1]); import mahalanobisad; '
+            # The child's own VmHWM: ru_maxrss would carry this (large) process's peak across fork + exec.
+            code = ('import sys, time; sys.path.insert(0, sys.argv[1]); import mahalanobisad, evaluate; '
                     't = time.perf_counter(); c = mahalanobisad.run(sys.argv[2:]); '
-                    'print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(c)')
+                    'print(time.perf_counter() - t, evaluate.peak_memory_mb()); sys.exit(c)')
             out = subprocess.run([sys.executable, '-c', code, ROOT, '-i', folder, '-f', feat, '-th', str(threshold),
                                   '--no_figures', '--model_dir', model_dir, '--json', os.path.join(folder, 'o.json')],
                                  capture_output=True, text=True, check=True).stdout.split()
-        seconds, peak_kb = float(out[0]), int(out[1])
-        rows.append({'inputs': count, 'images_per_s': rate(count, seconds), 'peak_mb': peak_kb / 1024})
+        rows.append({'inputs': count, 'images_per_s': rate(count, float(out[0])), 'peak_mb': float(out[1])})
     return rows
 
 
