@@ -113,13 +113,14 @@ def evaluate_category(root, extractor, spec, args):
 
     reset_peak_memory()
     start = time.perf_counter()
-    image_model, pixel_model, holdout_thresholds = mahalanobisad.fit(train_paths, extractor, spec, args.batch_size,
-                                                    args.aug_num if args.aug else 0, args.seed)
+    method = anomaly_model.make_method(args.method, args.padim_dims, args.spade_k, args.coreset_ratio, args.seed)
+    holdout_thresholds = mahalanobisad.fit(method, train_paths, extractor, spec, args.batch_size,
+                                           args.aug_num if args.aug else 0, args.seed)
     fit_s = time.perf_counter() - start
 
     start = time.perf_counter()
     scored = [s for s in mahalanobisad.score_images(
-        test_paths, extractor, spec, image_model, pixel_model, args.batch_size,
+        test_paths, extractor, spec, method, args.batch_size,
         masks_from=(test_dir, gt_dir) if has_ground_truth else None, desc=f'{category}: score') if s]
     images_per_s = len(scored) / (time.perf_counter() - start)
 
@@ -129,12 +130,12 @@ def evaluate_category(root, extractor, spec, args):
     scores = np.array([s.score for s in scored])
     if labels.all() or not labels.any():
         raise mahalanobisad.UsageError(f'{test_dir} needs both good and defective images to evaluate')
-    row = {'category': category, 'method': 'mahalanobis', 'model': spec.name,
+    row = {'category': category, 'method': method.name, 'model': spec.name,
            'image_auroc': float(roc_auc_score(labels, scores)),
            'pixel_auroc': None, 'aupro': None,
            'image_f1': anomaly_model.f1_optimal_threshold(labels, scores)[1],
            'fit_s': fit_s, 'images_per_s': images_per_s, 'peak_mb': peak_memory_mb()}
-    if has_ground_truth and pixel_model is not None:
+    if has_ground_truth and method.localizes:
         masks = np.stack([s.gt_mask if s.gt_mask is not None else np.zeros(s.view.shape[:2], bool) for s in scored])
         maps = np.stack([s.anomaly_map for s in scored])
         row['pixel_auroc'] = float(roc_auc_score(masks.ravel(), maps.ravel()))
@@ -221,13 +222,7 @@ def parse_args(argv=None):
     p.add_argument('--category', action='append', default=None,
                    help='category to evaluate (repeatable); default every category found')
     p.add_argument('--save_path', default='results', help='folder for metrics.csv/json and figures')
-    p.add_argument('-m', '--model', default=model_utils.DEFAULT_MODEL, help='backbone, as in mahalanobisad.py')
-    p.add_argument('-a', '--aug', action='store_true', help='fit on augmented copies too')
-    p.add_argument('-an', '--aug_num', type=mahalanobisad.positive_int, default=5, help='augmented copies per image')
-    p.add_argument('-bs', '--batch_size', type=mahalanobisad.positive_int, default=16, help='images per backbone run')
-    p.add_argument('--seed', type=int, default=0, help='seed of augmentation')
-    p.add_argument('--model_dir', default='models', help='cache of ONNX backbones')
-    p.add_argument('--model_url', default=None, help='base URL of b0..b7 downloads, as in mahalanobisad.py')
+    mahalanobisad.add_model_arguments(p)
     return p.parse_args(argv)
 
 

@@ -24,7 +24,7 @@ import anomaly_model
 import image_utils
 import model_utils
 import plot_utils
-from anomaly_model import FeatureFileError, MahalanobisAD, PixelGaussian
+from anomaly_model import FeatureFileError, MethodError
 from image_utils import ImageError
 from model_utils import ModelError
 
@@ -34,9 +34,9 @@ DEFAULT_INPUT = 'images'
 DEFAULT_SINGLE_SAVEPATH = 'output.png'
 DEFAULT_MULTI_SAVEPATH = 'output'
 # Settings that change the features themselves: a feature file fitted with others cannot be used.
-FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names')
+FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names', 'method')
 # Settings of the fit: a default-named feature file fitted with others is not silently reused.
-FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed')
+FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed', 'method_options')
 
 
 class UsageError(ValueError):
@@ -55,11 +55,39 @@ def positive_int(text):
     return value
 
 
+def unit_fraction(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f'must be in (0, 1], got {text}')
+    return value
+
+
 def finite_float(text):
     value = float(text)
     if not np.isfinite(value):
         raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
     return value
+
+
+def add_model_arguments(p):
+    """Backbone, method and fitting flags, shared with evaluate.py."""
+    p.add_argument('-m', '--model', default=model_utils.DEFAULT_MODEL,
+                   help=f'backbone: {", ".join(model_utils.MODEL_CATALOGUE)} (b0..b7 are downloaded on first use) '
+                        'or a path to an .onnx feature extractor')
+    p.add_argument('--method', choices=list(anomaly_model.METHODS), default='mahalanobis',
+                   help='mahalanobis (pooled features, MahalanobisAD), padim, spade or patchcore')
+    p.add_argument('--padim_dims', type=positive_int, default=200, help='padim: channels kept (random, seeded)')
+    p.add_argument('--spade_k', type=positive_int, default=50, help='spade: nearest training images')
+    p.add_argument('--coreset_ratio', type=unit_fraction, default=0.1,
+                   help='patchcore: fraction of training patches kept in the memory bank')
+    p.add_argument('-a', '--aug', action='store_true', help='fit on augmented copies too (rotation, crop)')
+    p.add_argument('-an', '--aug_num', type=positive_int, default=5, help='augmented copies per training image')
+    p.add_argument('-bs', '--batch_size', type=positive_int, default=16, help='images per backbone run')
+    p.add_argument('--seed', type=int, default=0, help='seed of augmentation, channel subsets, coresets and folds')
+    p.add_argument('--model_dir', default='models', help='cache of ONNX backbones')
+    p.add_argument('--model_url', default=None,
+                   help=f'base URL of b0..b7 downloads (default ${model_utils.MODEL_URL_ENV}, '
+                        f'else {model_utils.DEFAULT_MODEL_URL})')
 
 
 def parse_args(argv=None):
@@ -70,28 +98,19 @@ def parse_args(argv=None):
     p.add_argument('-s', '--savepath', default=None,
                    help=f'figure file for one input (default {DEFAULT_SINGLE_SAVEPATH}); '
                         f'directory for several (default {DEFAULT_MULTI_SAVEPATH}/)')
-    p.add_argument('-m', '--model', default=model_utils.DEFAULT_MODEL,
-                   help=f'backbone: {", ".join(model_utils.MODEL_CATALOGUE)} (b0..b7 are downloaded on first use) '
-                        'or a path to an .onnx feature extractor')
     p.add_argument('-f', '--feat', default=None,
-                   help='feature file of fitted statistics, reused if it exists (default <train_dir name>.pkl)')
+                   help='feature file of fitted statistics, reused if it exists '
+                        '(default <train_dir name>.pkl, <train_dir name>_<method>.pkl for other methods)')
     p.add_argument('-tr', '--train_dir', default='train', help='directory of good training images')
     p.add_argument('-th', '--threshold', type=finite_float, default=None,
                    help='image score threshold; overrides the one derived from --test_dir/--gt_dir')
-    p.add_argument('-a', '--aug', action='store_true', help='fit on augmented copies too (rotation, crop)')
-    p.add_argument('-an', '--aug_num', type=positive_int, default=5, help='augmented copies per training image')
-    p.add_argument('-bs', '--batch_size', type=positive_int, default=16, help='images per backbone run')
     p.add_argument('--test_dir', default=None,
                    help='labelled images for the threshold (default images, if present)')
     p.add_argument('--gt_dir', default=None,
                    help='masks of --test_dir images (default gt_masks); an image without one is normal')
-    p.add_argument('--model_dir', default='models', help='cache of ONNX backbones')
-    p.add_argument('--model_url', default=None,
-                   help=f'base URL of b0..b7 downloads (default ${model_utils.MODEL_URL_ENV}, '
-                        f'else {model_utils.DEFAULT_MODEL_URL})')
-    p.add_argument('--seed', type=int, default=0, help='seed of augmentation and threshold folds')
     p.add_argument('--no_figures', action='store_true', help='write no figures')
     p.add_argument('--json', default=None, metavar='PATH', help='write scores and verdicts as JSON')
+    add_model_arguments(p)
     return p.parse_args(argv)
 
 
@@ -110,9 +129,9 @@ class ScoredImage:
 # image -> tensor -> features
 # ----------------------------------------------------------------------------------------------
 
-def fit(train_paths, extractor, spec, batch_size=16, aug_num=0, seed=0):
-    """Fit both models on the training images (plus aug_num augmented views of each)
-    -> (MahalanobisAD, PixelGaussian or None, holdout thresholds {'image', 'pixel'})."""
+def fit(method, train_paths, extractor, spec, batch_size=16, aug_num=0, seed=0):
+    """Configure and fit `method` on the training images (plus aug_num augmented views of each)
+    -> holdout thresholds {'image', 'pixel'} (pixel None for a method without maps)."""
     copies = 1 + aug_num
 
     def load(item):
@@ -128,7 +147,7 @@ def fit(train_paths, extractor, spec, batch_size=16, aug_num=0, seed=0):
             views.append(image_utils.augment(image, rng, spec.resize_size, spec.input_size))
         return [image_utils.to_tensor(view, spec.mean, spec.std) for view in views]
 
-    pooled, embeddings, groups, pixel_model = [], [], [], None
+    batches, groups = [], []
     items = list(enumerate(train_paths))
     with tqdm(total=len(items), desc='fit: features', unit='img') as progress, threadpool_limits(1, 'blas'):
         for batch in image_utils.stream(items, load, batch_size):
@@ -142,40 +161,29 @@ def fit(train_paths, extractor, spec, batch_size=16, aug_num=0, seed=0):
                 groups += [index] * len(loaded)
             for start in range(0, len(tensors), batch_size):
                 feature_maps = extractor(np.stack(tensors[start:start + batch_size]))
-                if not pooled:
-                    pixel_model = make_pixel_model(spec, feature_maps)
-                pooled.append(anomaly_model.pool_features(feature_maps))
-                if pixel_model is not None:
-                    embeddings.append(pixel_model.embed(feature_maps))
+                if not batches:
+                    configure(method, feature_maps, spec)
+                batches.append(method.features(feature_maps))
     if len(set(groups)) < 2:
         raise UsageError(f'need at least 2 readable training images, found {len(set(groups))}')
-    train_features = [np.concatenate(level) for level in zip(*pooled)]
-    train_embeddings = np.concatenate(embeddings, axis=1) if pixel_model is not None else None
-    logger.info('fitting on %d views of %d images (%d levels%s)', len(groups), len(set(groups)),
-                len(train_features), '' if pixel_model is None else f', pixel grid {pixel_model.grid}')
-    image_model = MahalanobisAD().fit(train_features)
-    if pixel_model is not None:
-        pixel_model.fit(train_embeddings)
-    image_scores, pixel_maps = anomaly_model.holdout_scores(
-        train_features, train_embeddings, np.array(groups), pixel_model.grid if pixel_model else 0,
-        spec.input_size, seed=seed)
-    holdout_thresholds = {'image': float(image_scores.max()),
-                          'pixel': float(pixel_maps.max()) if pixel_maps is not None else None}
-    return image_model, pixel_model, holdout_thresholds
+    train_features = anomaly_model.concatenate_features(batches)
+    logger.info('fitting %s on %d views of %d images', method.name, len(groups), len(set(groups)))
+    method.fit(train_features)
+    image_scores, pixel_max = anomaly_model.holdout_scores(method, train_features, np.array(groups),
+                                                           spec.input_size, seed=seed)
+    return {'image': float(image_scores.max()), 'pixel': pixel_max}
 
 
-def make_pixel_model(spec, feature_maps):
-    """The pixel model suited to this backbone's map sizes, or None if it has no usable maps."""
-    sizes = [m.shape[-1] for m in feature_maps]
-    levels = anomaly_model.choose_pixel_levels(sizes, spec.input_size)
-    if not levels:
+def configure(method, feature_maps, spec):
+    """Fit `method` to this backbone's outputs; warn once if it cannot draw maps."""
+    method.configure([m.shape[1:] for m in feature_maps], spec.input_size)
+    if not method.localizes:
+        sizes = ', '.join(f'{m.shape[-1]}x{m.shape[-2]}' for m in feature_maps)
         logger.warning('%s has no feature maps of stride 4..16 (its outputs are %s): image-level scores only, '
-                       'no heat maps', spec.name, ', '.join(f'{s}x{s}' for s in sizes))
-        return None
-    return PixelGaussian(levels, min(sizes[l] for l in levels))
+                       'no heat maps', spec.name, sizes)
 
 
-def score_images(paths, extractor, spec, image_model, pixel_model, batch_size=16, masks_from=None, desc='score'):
+def score_images(paths, extractor, spec, method, batch_size=16, masks_from=None, desc='score'):
     """Yield, for each of `paths` in order, its ScoredImage, or None if it cannot be read (with a
     warning). masks_from: (test_dir, gt_dir) to attach ground-truth masks, or None."""
     def load(path):
@@ -200,9 +208,9 @@ def score_images(paths, extractor, spec, image_model, pixel_model, batch_size=16
             if good:
                 feature_maps = extractor(np.stack([image_utils.to_tensor(view, spec.mean, spec.std)
                                                    for _, view, _ in good]))
-                scores = image_model.score(anomaly_model.pool_features(feature_maps))
-                maps = (pixel_model.score_maps(pixel_model.embed(feature_maps), spec.input_size)
-                        if pixel_model is not None else [None] * len(good))
+                scores, maps = method.score(method.features(feature_maps), spec.input_size)
+                if maps is None:
+                    maps = [None] * len(good)
                 scored = {path: ScoredImage(path, float(score), view, anomaly_map, gt_mask)
                           for (path, view, gt_mask), score, anomaly_map in zip(good, scores, maps)}
             for path, loaded in batch:
@@ -216,31 +224,32 @@ def score_images(paths, extractor, spec, image_model, pixel_model, batch_size=16
 # ----------------------------------------------------------------------------------------------
 
 def load_or_fit(extractor, spec, args):
-    feat_path = args.feat or os.path.basename(os.path.normpath(args.train_dir)) + '.pkl'
+    """-> (meta, fitted method): reused from the feature file if it exists, else fitted and saved."""
+    method = anomaly_model.make_method(args.method, args.padim_dims, args.spade_k, args.coreset_ratio, args.seed)
+    suffix = '' if args.method == 'mahalanobis' else '_' + args.method
+    feat_path = args.feat or os.path.basename(os.path.normpath(args.train_dir)) + suffix + '.pkl'
     settings = {'backbone': spec.name, 'input_size': spec.input_size, 'resize_size': spec.resize_size,
                 'mean': list(spec.mean), 'std': list(spec.std), 'feature_names': extractor.output_names,
+                'method': method.name, 'method_options': dict(method.params),
                 'train_dir': os.path.abspath(args.train_dir), 'aug': args.aug,
                 'aug_num': args.aug_num if args.aug else 0, 'seed': args.seed}
     if os.path.exists(feat_path):
-        meta, image_model, pixel_model = anomaly_model.load_feature_file(feat_path)
-        check_settings(feat_path, meta, settings, FEATURE_SETTINGS, 'cannot be used with this backbone')
+        meta, method = anomaly_model.load_feature_file(feat_path)
+        check_settings(feat_path, meta, settings, FEATURE_SETTINGS, 'cannot be used with this backbone and method')
         if args.feat is None:
             check_settings(feat_path, meta, settings, FIT_SETTINGS, 'was fitted differently')
-        logger.info('reusing fitted statistics from %s (%d training images; train images not read)',
-                    feat_path, meta['n_train_images'])
-        return meta, image_model, pixel_model
+        logger.info('reusing fitted %s statistics from %s (%d training images; train images not read)',
+                    method.name, feat_path, meta['n_train_images'])
+        return meta, method
 
     train_paths = image_utils.list_images(args.train_dir)
-    logger.info('fitting on %d training images from %s%s', len(train_paths), args.train_dir,
+    logger.info('fitting %s on %d training images from %s%s', method.name, len(train_paths), args.train_dir,
                 f' with {args.aug_num} augmented copies each' if args.aug else '')
-    image_model, pixel_model, holdout_thresholds = fit(train_paths, extractor, spec, args.batch_size,
-                                                       settings['aug_num'], args.seed)
-    meta = dict(settings, n_train_images=len(train_paths), image_levels=list(range(len(image_model.means_))),
-                pixel_levels=pixel_model.levels if pixel_model else [],
-                pixel_grid=pixel_model.grid if pixel_model else 0, holdout_thresholds=holdout_thresholds)
-    anomaly_model.save_feature_file(feat_path, meta, image_model, pixel_model)
+    holdout_thresholds = fit(method, train_paths, extractor, spec, args.batch_size, settings['aug_num'], args.seed)
+    meta = dict(settings, n_train_images=len(train_paths), holdout_thresholds=holdout_thresholds)
+    anomaly_model.save_feature_file(feat_path, meta, method)
     logger.info('saved fitted statistics to %s', feat_path)
-    return meta, image_model, pixel_model
+    return meta, method
 
 
 def check_settings(feat_path, meta, settings, keys, what):
@@ -267,7 +276,7 @@ def labelled_dirs(args):
     return None
 
 
-def decide_thresholds(extractor, spec, image_model, pixel_model, meta, args, masks_from):
+def decide_thresholds(extractor, spec, method, meta, args, masks_from):
     """-> (threshold, pixel_threshold, source, {realpath: ScoredImage} of the labelled images).
 
     --threshold given: nothing is scored, the pixel threshold comes from the training hold-out.
@@ -283,7 +292,7 @@ def decide_thresholds(extractor, spec, image_model, pixel_model, meta, args, mas
     elif masks_from is not None:
         test_dir, gt_dir = masks_from
         paths = image_utils.list_images(test_dir)
-        scored = [s for s in score_images(paths, extractor, spec, image_model, pixel_model, args.batch_size,
+        scored = [s for s in score_images(paths, extractor, spec, method, args.batch_size,
                                           masks_from=masks_from, desc='threshold: labelled images') if s]
         labelled = {os.path.realpath(s.path): s for s in scored}
         labels = np.array([s.gt_mask is not None and s.gt_mask.any() for s in scored])
@@ -292,7 +301,7 @@ def decide_thresholds(extractor, spec, image_model, pixel_model, meta, args, mas
             source = f'F1-optimal on {test_dir} + {gt_dir}'
             logger.info('image threshold %.3f maximises F1 (%.3f) on %d labelled images (%d anomalous)',
                         image_threshold, f1, len(scored), labels.sum())
-            if pixel_model is not None:
+            if method.localizes:
                 gt = np.stack([s.gt_mask if s.gt_mask is not None else np.zeros(s.view.shape[:2], bool) for s in scored])
                 maps = np.stack([s.anomaly_map for s in scored])
                 pixel_threshold, pixel_f1 = anomaly_model.f1_optimal_threshold(gt, maps)
@@ -303,7 +312,7 @@ def decide_thresholds(extractor, spec, image_model, pixel_model, meta, args, mas
     if image_threshold is None:
         image_threshold = meta['holdout_thresholds']['image']
         logger.info('image threshold %.3f: the largest score of held-out training images', image_threshold)
-    if pixel_threshold is None and pixel_model is not None:
+    if pixel_threshold is None and method.localizes:
         pixel_threshold = meta['holdout_thresholds']['pixel']
         logger.info('pixel threshold %.3f: the largest pixel score of held-out training images', pixel_threshold)
     return image_threshold, pixel_threshold, source, labelled
@@ -357,14 +366,14 @@ def main(argv=None):
     if len(inputs) > 1 and args.savepath and image_utils.is_image_file(args.savepath):
         raise UsageError(f'{len(inputs)} inputs: --savepath must be a directory, not {args.savepath}')
 
-    meta, image_model, pixel_model = load_or_fit(extractor, spec, args)
+    meta, method = load_or_fit(extractor, spec, args)
     masks_from = labelled_dirs(args)
     threshold, pixel_threshold, threshold_source, labelled = decide_thresholds(
-        extractor, spec, image_model, pixel_model, meta, args, masks_from)
+        extractor, spec, method, meta, args, masks_from)
 
     logger.info('scoring %d images (threshold %.3f from %s)', len(inputs), threshold, threshold_source)
     fresh = score_images([p for p, _ in inputs if os.path.realpath(p) not in labelled],
-                         extractor, spec, image_model, pixel_model, args.batch_size, masks_from)
+                         extractor, spec, method, args.batch_size, masks_from)
     with contextlib.closing(fresh), plot_utils.FigureWriter() as figures:
         results = report_images(inputs, labelled, fresh, threshold, pixel_threshold, args, figures)
     if not results:
@@ -385,7 +394,7 @@ def run_cli(main, prog, argv=None):
     try:
         with logging_redirect_tqdm():
             main(argv)
-    except (ModelError, ImageError, FeatureFileError, UsageError, OSError) as e:
+    except (ModelError, ImageError, FeatureFileError, UsageError, MethodError, OSError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -146,7 +146,8 @@ def main():
         feat = os.path.join(folder, 'bottle.pkl')
         assert mahalanobisad.run(['-tr', args.train_dir, '-f', feat, '-i', test_paths[0], '-th', '0',
                                   '--no_figures', '--model_dir', args.model_dir]) == 0
-        meta, image_model, _ = anomaly_model.load_feature_file(feat)
+        meta, method = anomaly_model.load_feature_file(feat)
+        image_model = method.image_model
         threshold = meta['holdout_thresholds']['image']
 
         result = {'inputs': len(paths)}

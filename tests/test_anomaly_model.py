@@ -1,6 +1,7 @@
 import os
 import pickle
 
+import cv2
 import numpy as np
 import pytest
 from scipy.spatial.distance import mahalanobis
@@ -33,34 +34,25 @@ def test_pixel_gaussian_matches_scipy_per_position():
     # two levels: 8x8 (pooled onto the 4x4 grid) and 4x4
     train_maps = [None, rng.standard_normal((30, 3, 8, 8)), rng.standard_normal((30, 2, 4, 4))]
     test_maps = [None, rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((2, 2, 4, 4))]
-    model = PixelGaussian([1, 2], grid=4, regularization=0.01)
-    train_embeddings = model.embed(train_maps)
-    assert train_embeddings.shape == (16, 30, 5)
-    model.fit(train_embeddings)
-    test_embeddings = model.embed(test_maps)
+    train_patches = anomaly_model.embed_patches(train_maps, [1, 2], 4)
+    assert train_patches.shape == (30, 16, 5) and train_patches.dtype == np.float32
+    model = PixelGaussian(regularization=0.01).fit(train_patches)
+    test_patches = anomaly_model.embed_patches(test_maps, [1, 2], 4)
     position, image = 5, 1  # row 1, column 1 of the grid
     pooled = test_maps[1][image, :, 2:4, 2:4].mean(axis=(1, 2))
-    np.testing.assert_allclose(test_embeddings[position, image, :3], pooled, rtol=1e-5)
-    column = train_embeddings[position].astype(np.float64)
+    np.testing.assert_allclose(test_patches[image, position, :3], pooled, rtol=1e-5)
+    column = train_patches[:, position].astype(np.float64)
     covariance = np.cov(column, rowvar=False) + 0.01 * np.eye(5)
-    expected = mahalanobis(test_embeddings[position, image], column.mean(0), np.linalg.inv(covariance))
-    squared = np.einsum('pnd,pnd->pn', np.matmul(test_embeddings - model.mean_[:, None], model.precision_),
-                        test_embeddings - model.mean_[:, None])
-    assert np.sqrt(squared[position, image]) == pytest.approx(expected, rel=1e-4)
-    maps = model.score_maps(test_embeddings, 32)
-    assert maps.shape == (2, 32, 32) and maps.dtype == np.float32 and (maps > 0).all()
+    expected = mahalanobis(test_patches[image, position], column.mean(0), np.linalg.inv(covariance))
+    assert model.distances(test_patches)[image, position] == pytest.approx(expected, rel=1e-4)
 
 
-def test_pixel_gaussian_locates_a_planted_defect():
-    rng = np.random.default_rng(2)
-    train = [rng.standard_normal((40, 4, 8, 8)).astype(np.float32)]
-    test = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
-    test[0, :, 1, 6] += 8
-    model = PixelGaussian([0], grid=8)
-    model.fit(model.embed(train))
-    anomaly_map = model.score_maps(model.embed([test]), 64)[0]
-    row, column = np.unravel_index(anomaly_map.argmax(), anomaly_map.shape)
-    assert 8 <= row < 16 and 48 <= column < 56
+def test_resample_bilinear_matches_opencv():
+    maps = np.random.default_rng(8).standard_normal((2, 3, 7, 7)).astype(np.float32)
+    ours = anomaly_model.resample(maps, 14)
+    expected = np.stack([cv2.resize(m.transpose(1, 2, 0), (14, 14), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
+                         for m in maps])
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
 def test_choose_pixel_levels_by_stride():
@@ -87,38 +79,45 @@ def test_f1_optimal_threshold_needs_both_classes():
         anomaly_model.f1_optimal_threshold(np.zeros(4, bool), np.arange(4.0))
 
 
+def pooled_only_method():
+    method = anomaly_model.MahalanobisMethod()
+    method.configure([(4, 1, 1)], 224)  # one pooled output: image-level only
+    return method
+
+
 def test_holdout_scores_exclude_each_source_image_and_its_copies():
     rng = np.random.default_rng(3)
-    features = random_levels(rng, 40, dims=(4,))
+    features = {'pooled0': random_levels(rng, 40, dims=(4,))[0].astype(np.float32)}
     groups = np.repeat(np.arange(20), 2)
-    features[0][groups == 7] += 50  # an outlier source image, in two copies
-    scores, maps = anomaly_model.holdout_scores(features, None, groups, 0, 16, folds=5)
-    assert maps is None and scores.shape == (40,)
-    in_sample = MahalanobisAD().fit(features).score(features)
+    features['pooled0'][groups == 7] += 50  # an outlier source image, in two copies
+    method = pooled_only_method()
+    scores, pixel_max = anomaly_model.holdout_scores(method, features, groups, 16, folds=5)
+    assert pixel_max is None and scores.shape == (40,)
+    in_sample = MahalanobisAD().fit([features['pooled0']]).score([features['pooled0']])
     assert scores[groups == 7].min() > in_sample[groups == 7].max()  # not fitted on itself
-    np.testing.assert_array_equal(scores, anomaly_model.holdout_scores(features, None, groups, 0, 16, folds=5)[0])
+    np.testing.assert_array_equal(scores, anomaly_model.holdout_scores(method, features, groups, 16, folds=5)[0])
 
 
-def fitted_models():
+def fitted_method():
     rng = np.random.default_rng(4)
-    image_model = MahalanobisAD().fit(random_levels(rng, 30))
-    pixel_model = PixelGaussian([0], grid=2)
-    pixel_model.fit(pixel_model.embed([rng.standard_normal((30, 3, 2, 2))]))
-    meta = {'backbone': 'x', 'image_levels': [0, 1, 2], 'pixel_levels': [0], 'pixel_grid': 2}
-    return meta, image_model, pixel_model
+    method = anomaly_model.make_method('mahalanobis')
+    shapes = [(3, 8, 8), (5, 4, 4), (6, 2, 2)]  # input 32: strides 4, 8, 16
+    method.configure(shapes, 32)
+    maps = [rng.standard_normal((30,) + shape).astype(np.float32) for shape in shapes]
+    return {'backbone': 'x'}, method.fit(method.features(maps)), maps
 
 
 def test_feature_file_round_trip(tmp_path):
-    meta, image_model, pixel_model = fitted_models()
+    meta, method, maps = fitted_method()
     path = str(tmp_path / 'train.pkl')
-    anomaly_model.save_feature_file(path, meta, image_model, pixel_model)
+    anomaly_model.save_feature_file(path, meta, method)
     assert os.listdir(tmp_path) == ['train.pkl']  # no temporary file left behind
-    loaded_meta, loaded_image, loaded_pixel = anomaly_model.load_feature_file(path)
+    loaded_meta, loaded = anomaly_model.load_feature_file(path)
     assert loaded_meta['backbone'] == 'x' and loaded_meta['version'] == anomaly_model.FEATURE_FILE_VERSION
-    for a, b in zip(image_model.precisions_, loaded_image.precisions_):
+    assert loaded.name == 'mahalanobis' and loaded.params == method.params
+    features = method.features([m[:3] for m in maps])
+    for a, b in zip(method.score(features, 32), loaded.score(features, 32)):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(pixel_model.precision_, loaded_pixel.precision_)
-    assert loaded_pixel.levels == [0] and loaded_pixel.grid == 2
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
@@ -141,11 +140,12 @@ def test_pickle_inside_an_npz_is_refused_and_never_runs(tmp_path):
 
 
 def test_feature_file_version_and_format_checked(tmp_path):
-    meta, image_model, pixel_model = fitted_models()
+    meta, method, _ = fitted_method()
     path = str(tmp_path / 'f.pkl')
-    anomaly_model.save_feature_file(path, meta, image_model, pixel_model)
+    anomaly_model.save_feature_file(path, meta, method)
     content = dict(np.load(path))
-    content['meta'] = np.array(str(content['meta']).replace('"version": 1', '"version": 99'))
+    version = f'"version": {anomaly_model.FEATURE_FILE_VERSION}'
+    content['meta'] = np.array(str(content['meta']).replace(version, '"version": 99'))
     with open(path, 'wb') as f:
         np.savez(f, **content)
     with pytest.raises(FeatureFileError, match='version 99'):
@@ -163,3 +163,73 @@ def test_pooling_matrix_integer_and_fractional_factors():
     np.testing.assert_allclose(fractional.sum(axis=0), 1, rtol=1e-6)  # each cell is an average
     np.testing.assert_allclose(np.ones(65, np.float32) @ fractional, 1, rtol=1e-6)
     assert (fractional > 0).sum(axis=0).max() <= 5  # each cell covers about 65 / 17 pixels
+
+
+# ----------------------------------------------------------------------------------------------
+# Every method on synthetic feature maps: a backbone with input 128 and outputs of stride 4..32
+# ----------------------------------------------------------------------------------------------
+
+SHAPES = [(4, 32, 32), (6, 16, 16), (8, 8, 8), (10, 4, 4)]
+
+
+def synthetic_maps(rng, n, defect=False):
+    """Random maps; a defect adds a bump to every level in rows 32-64, columns 64-96 of the
+    128 px input (the same place at every stride)."""
+    maps = []
+    for c, h, w in SHAPES:
+        m = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        if defect:
+            m[:, :, h // 4:h // 2, w // 2:3 * w // 4] += 5
+        maps.append(m)
+    return maps
+
+
+@pytest.mark.parametrize('name', list(anomaly_model.METHODS))
+def test_method_scores_and_locates_a_planted_defect(name):
+    rng = np.random.default_rng(10)
+    method = anomaly_model.make_method(name, padim_dims=12, spade_k=5, coreset_ratio=0.25)
+    method.configure(SHAPES, 128)
+    method.fit(method.features(synthetic_maps(rng, 40)))
+    clean_scores, clean_maps = method.score(method.features(synthetic_maps(rng, 6)), 128)
+    defect_scores, defect_maps = method.score(method.features(synthetic_maps(rng, 1, defect=True)), 128)
+    assert defect_scores[0] > clean_scores.max()
+    assert clean_maps.shape == (6, 128, 128) and defect_maps.dtype == np.float32
+    row, column = np.unravel_index(defect_maps[0].argmax(), (128, 128))
+    assert 24 <= row <= 72 and 56 <= column <= 104, (row, column)
+    assert defect_maps[0, 36:60, 68:92].mean() > clean_maps.max()
+
+
+@pytest.mark.parametrize('name', ['padim', 'patchcore'])
+def test_seeded_methods_are_deterministic(name):
+    states = []
+    for _ in range(2):
+        method = anomaly_model.make_method(name, padim_dims=12, coreset_ratio=0.25, seed=3)
+        method.configure(SHAPES, 128)
+        states.append(method.fit(method.features(synthetic_maps(np.random.default_rng(11), 20))).state())
+    for key in states[0]:
+        np.testing.assert_array_equal(states[0][key], states[1][key])
+    other = anomaly_model.make_method(name, padim_dims=12, coreset_ratio=0.25, seed=4)
+    other.configure(SHAPES, 128)
+    other_state = other.fit(other.features(synthetic_maps(np.random.default_rng(11), 20))).state()
+    assert any(not np.array_equal(states[0][k], other_state[k]) for k in states[0])
+
+
+def test_greedy_coreset_covers_every_cluster():
+    rng = np.random.default_rng(12)
+    centres = rng.uniform(-100, 100, (8, 5)).astype(np.float32)
+    points = (centres.repeat(50, axis=0) + rng.standard_normal((400, 5))).astype(np.float32)
+    chosen = anomaly_model.greedy_coreset(points, 8, seed=0)
+    assert len(set(chosen.tolist())) == 8
+    assert sorted(np.unique(chosen // 50).tolist()) == list(range(8))  # one point from every cluster
+    covering = anomaly_model.nearest_distances(points, points[chosen])[0].max()
+    random_covering = anomaly_model.nearest_distances(points, points[rng.choice(400, 8, replace=False)])[0].max()
+    assert covering < 10 and covering <= random_covering  # within a cluster's radius
+
+
+def test_nearest_distances_match_brute_force():
+    rng = np.random.default_rng(13)
+    queries, bank = rng.standard_normal((50, 6)).astype(np.float32), rng.standard_normal((70, 6)).astype(np.float32)
+    distances, indices = anomaly_model.nearest_distances(queries, bank, chunk=16)
+    full = np.linalg.norm(queries[:, None] - bank[None], axis=2)
+    np.testing.assert_array_equal(indices, full.argmin(axis=1))
+    np.testing.assert_allclose(distances, full.min(axis=1), rtol=1e-4, atol=1e-4)

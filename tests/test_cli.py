@@ -110,7 +110,7 @@ def test_default_feature_file_fitted_differently_is_not_reused(tmp_path, small_t
 def test_feature_file_of_another_backbone_is_refused(tmp_path, fitted, model_dir, capsys):
     code, err = cli(['-f', fitted, '-m', 'lite1', '-i', 'images/good_000.png', '--no_figures'], model_dir, capsys)
     assert code == 1
-    assert "cannot be used with this backbone: backbone 'efficientnet-lite0' here 'efficientnet-lite1'" in err
+    assert "cannot be used with this backbone and method: backbone 'efficientnet-lite0' here 'efficientnet-lite1'" in err
     assert 'input_size 224 here 240' in err
 
 
@@ -202,3 +202,22 @@ def test_bad_flag_values(flag, value, model_dir, capsys):
         mahalanobisad.parse_args([flag, value])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and flag in err
+
+
+@pytest.mark.parametrize('method', ['padim', 'spade', 'patchcore'])
+def test_other_methods_fit_save_reuse_and_refuse_a_mismatch(method, tmp_path, small_train, model_dir, capsys):
+    feat, report = str(tmp_path / f'{method}.pkl'), str(tmp_path / 'r.json')
+    args = ['-tr', small_train, '-f', feat, '-i', 'images', '--no_figures', '--method', method,
+            '--padim_dims', '50', '--spade_k', '5', '--coreset_ratio', '0.2']
+    assert cli(args + ['--json', report], model_dir)[0] == 0
+    first = read_json(report)
+    assert json.loads(str(np.load(feat)['meta']))['method'] == method
+    assert first['pixel_threshold'] is not None and len(first['images']) == 16
+    defects = [i['score'] for i in first['images'] if 'good' not in i['path']]
+    goods = [i['score'] for i in first['images'] if 'good' in i['path']]
+    assert np.mean(defects) > np.mean(goods)
+    assert cli(args + ['--json', report], model_dir)[0] == 0  # reused: identical results
+    assert read_json(report) == first
+    other = 'padim' if method != 'padim' else 'spade'
+    code, err = cli(['-f', feat, '-i', 'images/good_000.png', '--no_figures', '--method', other], model_dir, capsys)
+    assert code == 1 and f"method '{method}' here '{other}'" in err
