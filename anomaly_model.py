@@ -247,10 +247,8 @@ class MahalanobisMethod(AnomalyMethod):
     name = 'mahalanobis'
 
     def configure(self, shapes, input_size):
-        map_sizes = [shape[-1] for shape in shapes]
-        pixel_levels = choose_pixel_levels(map_sizes, input_size)
-        self.params.update(image_levels=list(range(len(map_sizes))), pixel_levels=pixel_levels,
-                           grid=min(map_sizes[l] for l in pixel_levels) if pixel_levels else 0)
+        pixel_levels, grid = patch_grid(shapes, input_size)
+        self.params.update(image_levels=list(range(len(shapes))), pixel_levels=pixel_levels, grid=grid)
 
     @property
     def localizes(self):
@@ -294,10 +292,15 @@ class MahalanobisMethod(AnomalyMethod):
         return self
 
 
-def _require_levels(levels, method):
-    if not levels:
-        raise MethodError(f'{method} needs feature maps of stride 4..16; this backbone has none: '
+def patch_grid(shapes, input_size, required_by=None):
+    """Localization levels (stride 4..16) of outputs of (C, h, w) `shapes`, and the side of the
+    coarsest of them: ([], 0) if none, or MethodError if the method `required_by` needs them."""
+    map_sizes = [shape[-1] for shape in shapes]
+    levels = choose_pixel_levels(map_sizes, input_size)
+    if not levels and required_by:
+        raise MethodError(f'{required_by} needs feature maps of stride 4..16; this backbone has none: '
                           'use --method mahalanobis')
+    return levels, min(map_sizes[l] for l in levels) if levels else 0
 
 
 class PadimMethod(AnomalyMethod):
@@ -306,13 +309,11 @@ class PadimMethod(AnomalyMethod):
     localizes = True
 
     def configure(self, shapes, input_size):
-        map_sizes = [shape[-1] for shape in shapes]
-        levels = choose_pixel_levels(map_sizes, input_size)
-        _require_levels(levels, self.name)
+        levels, grid = patch_grid(shapes, input_size, required_by=self.name)
         total = sum(shapes[l][0] for l in levels)
         rng = np.random.default_rng(self.params['seed'])
         channels = np.sort(rng.choice(total, min(self.params['dims'], total), replace=False))
-        self.params.update(levels=levels, grid=min(map_sizes[l] for l in levels), channels=channels.tolist())
+        self.params.update(levels=levels, grid=grid, channels=channels.tolist())
 
     def features(self, feature_maps):
         patches = embed_patches(feature_maps, self.params['levels'], self.params['grid'])
@@ -341,10 +342,8 @@ class SpadeMethod(AnomalyMethod):
     localizes = True
 
     def configure(self, shapes, input_size):
-        map_sizes = [shape[-1] for shape in shapes]
-        levels = choose_pixel_levels(map_sizes, input_size)
-        _require_levels(levels, self.name)
-        self.params.update(image_level=len(map_sizes) - 1, levels=levels, grid=min(map_sizes[l] for l in levels))
+        levels, grid = patch_grid(shapes, input_size, required_by=self.name)
+        self.params.update(image_level=len(shapes) - 1, levels=levels, grid=grid)
 
     def features(self, feature_maps):
         return {'pooled': pool_features([feature_maps[self.params['image_level']]])[0],

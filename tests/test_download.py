@@ -277,3 +277,13 @@ def test_model_without_maps_scores_images_only(tmp_path, small_train, caplog):
     assert out['pixel_threshold'] is None and len(out['images']) == 1
     assert 'image-level scores only, no heat maps' in caplog.text
     assert os.path.getsize(tmp_path / 'fig.png') > 0
+
+
+def test_patch_method_on_a_model_without_maps_is_a_clear_error(tmp_path, small_train, capsys):
+    path = tmp_path / 'maxpool.onnx'
+    path.write_bytes(ailia_shaped_model(pool='GlobalMaxPool'))
+    code = mahalanobisad.run(['-m', str(path), '--method', 'padim', '-tr', small_train, '-f', str(tmp_path / 'f.pkl'),
+                              '-i', 'images/good_000.png', '--no_figures'])
+    err = capsys.readouterr().err
+    assert code == 1 and 'mahalanobisad.py: error: padim needs feature maps of stride 4..16' in err
+    assert not os.path.exists(tmp_path / 'f.pkl')
