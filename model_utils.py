@@ -365,7 +365,8 @@ class _RetryableError(Exception):
 
 
 def _validate_model(path):
-    """Raise ValueError unless `path` opens in onnxruntime with one image input (N, 3, H, W)."""
+    """The inputs of the ONNX model at `path`; ValueError unless it opens in onnxruntime with one
+    image input (N, 3, H, W)."""
     try:
         inputs = _open_session(path).get_inputs()
     except Exception as e:  # onnxruntime raises several unrelated types for a bad file
@@ -373,6 +374,7 @@ def _validate_model(path):
     if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] not in (3, None) \
             and not isinstance(inputs[0].shape[1], str):
         raise ValueError(f'expected one image input (N, 3, H, W), found {[i.shape for i in inputs]}')
+    return inputs
 
 
 class _FolderLock:
@@ -544,10 +546,9 @@ def resolve_model(model, model_dir, model_url=None):
         if not os.path.isfile(model):
             raise ModelError(f'model file not found: {model}')
         try:
-            _validate_model(model)
+            size = _validate_model(model)[0].shape[-1]
         except ValueError as e:
             raise ModelError(f'{model}: {e}') from None
-        size = _open_session(model).get_inputs()[0].shape[-1]
         name = os.path.splitext(os.path.basename(model))[0]
         return BackboneSpec(name, size if isinstance(size, int) else 224, 'onnx'), model
     raise ModelError(f"unknown model '{model}': choose one of {', '.join(MODEL_CATALOGUE)} or give a .onnx path")
