@@ -101,8 +101,10 @@ def reset_peak_memory():
 # ----------------------------------------------------------------------------------------------
 
 def evaluate_category(root, extractor, spec, args):
-    """Fit on root/train/good, score root/test
-    -> (metrics row, scored test images, their labels, pixel threshold from the training hold-out)."""
+    """Fit on root/train/good, score root/test -> (metrics row, scored test images, their labels,
+    F1-optimal image threshold, pixel threshold, (masks, maps) from `pixel_arrays` or None).
+
+    The pixel threshold is F1-optimal where there are masks, else the training hold-out's."""
     category = os.path.basename(os.path.normpath(root))
     train_paths = image_utils.list_images(os.path.join(root, 'train', 'good'))
     test_dir, gt_dir = os.path.join(root, 'test'), os.path.join(root, 'ground_truth')
@@ -130,17 +132,17 @@ def evaluate_category(root, extractor, spec, args):
     scores = np.array([s.score for s in scored])
     if labels.all() or not labels.any():
         raise mahalanobisad.UsageError(f'{test_dir} needs both good and defective images to evaluate')
+    threshold, image_f1 = anomaly_model.f1_optimal_threshold(labels, scores)
     row = {'category': category, 'method': method.name, 'model': spec.name,
-           'image_auroc': float(roc_auc_score(labels, scores)),
-           'pixel_auroc': None, 'aupro': None,
-           'image_f1': anomaly_model.f1_optimal_threshold(labels, scores)[1],
-           'fit_s': fit_s, 'images_per_s': images_per_s, 'peak_mb': peak_memory_mb()}
+           'image_auroc': float(roc_auc_score(labels, scores)), 'pixel_auroc': None, 'aupro': None,
+           'image_f1': image_f1, 'fit_s': fit_s, 'images_per_s': images_per_s, 'peak_mb': peak_memory_mb()}
+    pixels, pixel_threshold = None, holdout_thresholds['pixel']
     if has_ground_truth and method.localizes:
-        masks = np.stack([s.gt_mask if s.gt_mask is not None else np.zeros(s.view.shape[:2], bool) for s in scored])
-        maps = np.stack([s.anomaly_map for s in scored])
-        row['pixel_auroc'] = float(roc_auc_score(masks.ravel(), maps.ravel()))
-        row['aupro'] = aupro(masks, maps)
-    return row, scored, labels, holdout_thresholds['pixel']
+        pixels = mahalanobisad.pixel_arrays(scored)
+        row['pixel_auroc'] = float(roc_auc_score(pixels[0].ravel(), pixels[1].ravel()))
+        row['aupro'] = aupro(*pixels)
+        pixel_threshold = anomaly_model.f1_optimal_threshold(*pixels)[0]
+    return row, scored, labels, threshold, pixel_threshold, pixels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,19 +164,14 @@ def save_roc_figure(path, category, labels, scores, title):
     model_utils.atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_category_figures(folder, row, scored, labels, pixel_threshold):
-    """ROC curves (image-level, and pixel-level where there are masks) and example figures; their
-    pixel threshold is F1-optimal where there are masks, else `pixel_threshold`."""
+def save_category_figures(folder, row, scored, labels, threshold, pixel_threshold, pixels):
+    """ROC curves (image-level, and pixel-level where there are masks) and example figures."""
     category = row['category']
     scores = np.array([s.score for s in scored])
     save_roc_figure(os.path.join(folder, f'{category}_image_roc.png'), category, labels, scores, 'image ROC')
-    if row['pixel_auroc'] is not None:
-        masks = np.concatenate([(s.gt_mask if s.gt_mask is not None else np.zeros(s.view.shape[:2], bool)).ravel()
-                                for s in scored])
-        maps = np.concatenate([s.anomaly_map.ravel() for s in scored])
-        save_roc_figure(os.path.join(folder, f'{category}_pixel_roc.png'), category, masks, maps, 'pixel ROC')
-        pixel_threshold = anomaly_model.f1_optimal_threshold(masks, maps)[0]
-    threshold = anomaly_model.f1_optimal_threshold(labels, scores)[0]
+    if pixels is not None:
+        save_roc_figure(os.path.join(folder, f'{category}_pixel_roc.png'), category,
+                        pixels[0].ravel(), pixels[1].ravel(), 'pixel ROC')
     defects = sorted((s for s, label in zip(scored, labels) if label), key=lambda s: s.score)
     examples = {'worst': defects[:EXAMPLES_PER_END], 'best': defects[::-1][:EXAMPLES_PER_END]}
     for kind, chosen in examples.items():
@@ -250,9 +247,8 @@ def main(argv=None):
     os.makedirs(args.save_path, exist_ok=True)
     rows = []
     for category in categories:
-        row, scored, labels, pixel_threshold = evaluate_category(
-            os.path.join(args.data_path, category), extractor, spec, args)
-        save_category_figures(args.save_path, row, scored, labels, pixel_threshold)
+        row, *outcome = evaluate_category(os.path.join(args.data_path, category), extractor, spec, args)
+        save_category_figures(args.save_path, row, *outcome)
         rows.append(row)
         logger.info('%s: image AUROC %.4f', category, row['image_auroc'])
     rows.append(mean_row(rows))

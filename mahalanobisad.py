@@ -125,6 +125,13 @@ class ScoredImage:
     gt_mask: np.ndarray = None
 
 
+def pixel_arrays(scored):
+    """Ground truth and maps of scored images, stacked: (masks (N, S, S) bool, maps (N, S, S)); an
+    image without a mask counts as defect-free."""
+    masks = np.stack([s.gt_mask if s.gt_mask is not None else np.zeros(s.view.shape[:2], bool) for s in scored])
+    return masks, np.stack([s.anomaly_map for s in scored])
+
+
 # ----------------------------------------------------------------------------------------------
 # image -> tensor -> features
 # ----------------------------------------------------------------------------------------------
@@ -302,9 +309,7 @@ def decide_thresholds(extractor, spec, method, meta, args, masks_from):
             logger.info('image threshold %.3f maximises F1 (%.3f) on %d labelled images (%d anomalous)',
                         image_threshold, f1, len(scored), labels.sum())
             if method.localizes:
-                gt = np.stack([s.gt_mask if s.gt_mask is not None else np.zeros(s.view.shape[:2], bool) for s in scored])
-                maps = np.stack([s.anomaly_map for s in scored])
-                pixel_threshold, pixel_f1 = anomaly_model.f1_optimal_threshold(gt, maps)
+                pixel_threshold, pixel_f1 = anomaly_model.f1_optimal_threshold(*pixel_arrays(scored))
                 logger.info('pixel threshold %.3f maximises pixel F1 (%.3f)', pixel_threshold, pixel_f1)
         else:
             logger.warning('%s has %s: cannot derive an F1-optimal threshold', test_dir,
