@@ -139,7 +139,8 @@ class Detector:
     backbone run), model_url (base URL of b0..b7 downloads), padim_dims, spade_k, coreset_ratio
     (method options, as the CLI flags), aug_num (augmented views per training image; 0 = none),
     contamination (None: trust every training image; 'auto' or a fraction in (0, 0.5): leave out the
-    training images that look defective, see `fit`). The backbone is opened on first use, so constructing a Detector is cheap and offline.
+    training images that look defective, see `fit`). The backbone is opened on first use, so
+    constructing a Detector is cheap and offline.
 
     Fitted attributes: method_ (the fitted anomaly_model.AnomalyMethod), meta_ (what produced it:
     backbone, settings, n_train_images, held-out thresholds and scores, excluded_train_images),

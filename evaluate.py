@@ -180,7 +180,8 @@ def evaluate_category(root, args):
     if args.fpr is not None:
         detector.use_holdout_thresholds(fpr=args.fpr)
         flagged = scores >= detector.threshold_
-        row.update(target_fpr=args.fpr, test_fpr=float(flagged[~labels].mean()), test_recall=float(flagged[labels].mean()))
+        row.update(target_fpr=args.fpr, test_fpr=float(flagged[~labels].mean()),
+                   test_recall=float(flagged[labels].mean()))
         if detector.localizes:  # normal test images whose map shows any pixel at or above the pixel threshold
             row['test_map_fpr'] = float(np.mean([s.anomaly_map.max() >= detector.pixel_threshold_
                                                  for s, label in zip(scored, labels) if not label]))

@@ -139,12 +139,13 @@ def test_calibration_without_a_class_falls_back_to_the_stated_holdout_rate(padim
 
 def test_contaminated_sample_training_set(train_paths, model_dir, tmp_path, caplog):
     """Two defect images among the 12 good ones: auto leaves both out, names them, and records them."""
-    detector = Detector(model_dir=model_dir, contamination='auto').fit(train_paths + DEFECTS)
+    detector = Detector(method='padim', padim_dims=50, model_dir=model_dir, contamination='auto')
+    detector.fit(train_paths + DEFECTS)
     excluded = detector.meta_['excluded_train_images']
     assert set(DEFECTS) <= set(excluded) and len(excluded) <= 3
-    assert detector.meta_['n_train_images'] == 14 - len(excluded) and len(detector.meta_['holdout_scores']) == 14 - len(excluded)
-    assert all(f'excluded training image' in caplog.text and path in caplog.text for path in excluded)
-    clean = Detector(model_dir=model_dir).fit(train_paths + DEFECTS)
+    assert detector.meta_['n_train_images'] == len(detector.meta_['holdout_scores']) == 14 - len(excluded)
+    assert all('excluded training image' in caplog.text and path in caplog.text for path in excluded)
+    clean = Detector(method='padim', padim_dims=50, model_dir=model_dir).fit(train_paths + DEFECTS)
     assert clean.meta_['excluded_train_images'] == [] and clean.meta_['n_train_images'] == 14
     detector.save(str(tmp_path / 'auto.pkl'))
     assert Detector.load(str(tmp_path / 'auto.pkl'), model_dir=model_dir).meta_['excluded_train_images'] == excluded
@@ -157,7 +158,8 @@ def test_cli_fpr_and_contamination(train_paths, model_dir, tmp_path, monkeypatch
     for path in train_paths + DEFECTS:
         os.symlink(path, train / os.path.basename(path))
     report, feat = str(tmp_path / 'r.json'), str(tmp_path / 'f.pkl')
-    args = ['-tr', str(train), '-f', feat, '-i', 'images', '--no_figures', '--json', report, '--model_dir', model_dir]
+    args = ['-tr', str(train), '-f', feat, '-i', 'images', '--no_figures', '--json', report, '--model_dir', model_dir,
+            '--method', 'padim', '--padim_dims', '50']
     assert mahalanobisad.run(args + ['--contamination', '0.15', '--fpr', '0.2']) == 0  # round(0.15 * 14) = 2
     with open(report) as f:
         out = json.load(f)
