@@ -11,8 +11,10 @@ import time
 import pytest
 from distributed import Client, LocalCluster
 
+import image_utils
 import mahalanobisad
 import score_archive
+from detector import Detector
 from tests.conftest import REPO
 
 SAMPLE = sorted(os.path.join('images', f) for f in os.listdir(os.path.join(REPO, 'images')) if f.endswith('.png'))
@@ -22,8 +24,7 @@ SAMPLE = sorted(os.path.join('images', f) for f in os.listdir(os.path.join(REPO,
 def feat(tmp_path_factory, small_train, model_dir):
     """A feature file fitted on 12 sample images."""
     path = str(tmp_path_factory.mktemp('feat') / 'small.pkl')
-    assert mahalanobisad.run(['-tr', small_train, '-f', path, '-i', SAMPLE[0], '--no_figures',
-                              '--model_dir', model_dir]) == 0
+    Detector(model_dir=model_dir).fit(image_utils.list_images(small_train)).save(path)
     return path
 
 
