@@ -15,6 +15,7 @@ import collections
 import contextlib
 import glob
 import hashlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -36,6 +37,8 @@ from image_utils import ImageError
 from model_utils import atomic_write_bytes
 
 logger = logging.getLogger('score_archive')
+
+PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # Images per task, measured (README, benchmarks/archive_throughput.py): smaller shards pay the per-task
 # pipeline start more often, larger ones lose more work to a dead worker and balance the last shards worse.
@@ -104,7 +107,8 @@ def input_paths(given):
 
 
 def count_shards(given, shard_size):
-    """Number of shards of a manifest (one quick pass), or None for a directory (its walk is the work)."""
+    """Number of shards of a manifest (one quick pass that also checks it), or None for a directory (its
+    walk is the work)."""
     if os.path.isdir(given):
         return None
     return -(-sum(1 for _ in input_paths(given)) // shard_size)
@@ -224,6 +228,17 @@ def connect(scheduler, dashboard):
         yield client
 
 
+def check_cluster_imports(client):
+    """A one-line error, not a deserialization traceback, where the scheduler or a worker cannot import this
+    tool: they read the shard task by its module's name."""
+    found = {'scheduler': client.run_on_scheduler(importlib.util.find_spec, __name__),
+             **client.run(importlib.util.find_spec, __name__)}
+    missing = [where for where, spec in found.items() if spec is None]
+    if missing:
+        raise UsageError(f'{", ".join(missing)} cannot import {__name__}: start dask scheduler and dask worker '
+                         f'with PYTHONPATH={PROJECT_DIR} (README: Scoring an archive on a cluster)')
+
+
 def run_shards(client, shard_iter, task_args, output, resume, progress):
     """Submit the shards through a bounded window of futures, skipping existing parts if `resume`
     -> Counter(images, anomalies, failures, shards, resumed, scored)."""
@@ -270,23 +285,25 @@ def main(argv=None):
     detector = Detector.load(feat, model_dir=args.model_dir)  # checks the file before any worker starts
     logger.info('%s %s from %s: threshold %.3f (%s)', detector.meta_['backbone'], detector.meta_['method'],
                 args.feat, detector.threshold_, detector.threshold_source_)
-    if not os.path.exists(args.input):
-        raise ImageError(f'no such file or directory: {args.input}')
+    total_shards = count_shards(args.input, args.shard_size)  # a bad input fails here, before the cluster starts
+    if total_shards == 0:
+        raise ImageError(f'no image paths listed in {args.input}')
     job = {'input': os.path.abspath(args.input), 'feat': feat, 'feat_sha256': file_sha256(feat),
            'shard_size': args.shard_size}
     prepare_output(output, job, args.resume)
     task_args = (os.getcwd(), feat, os.path.abspath(args.model_dir), output)
 
     with connect(args.scheduler, args.dashboard) as client:
+        check_cluster_imports(client)
         threads = client.nthreads()
         logger.info('cluster %s: %d workers, %d threads; shards of %d images from %s -> %s', args.scheduler,
                     len(threads), sum(threads.values()), args.shard_size, args.input, args.output)
-        with tqdm(total=count_shards(args.input, args.shard_size), desc='shards', unit='shard') as progress:
+        with tqdm(total=total_shards, desc='shards', unit='shard') as progress:
             totals = run_shards(client, shards(input_paths(args.input), args.shard_size), task_args, output,
                                 args.resume, progress)
     remove_stale_temporaries(output)
     if not totals['images']:
-        raise ImageError(f'no images ({", ".join(image_utils.IMAGE_EXTENSIONS)}) listed in {args.input}')
+        raise ImageError(f'no images ({", ".join(image_utils.IMAGE_EXTENSIONS)}) found in {args.input}')
 
     wall = time.perf_counter() - start
     summary = {'images': totals['images'], 'anomalies': totals['anomalies'], 'failures': totals['failures'],

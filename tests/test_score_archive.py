@@ -114,6 +114,12 @@ def test_manifest_with_unreadable_images_then_resume(tmp_path, monkeypatch, clie
     assert {k: resumed[k] for k in ('images', 'anomalies', 'failures')} == \
         {k: summary[k] for k in ('images', 'anomalies', 'failures')}
 
+    def threads():  # of the detector each worker loaded for its shards
+        return [(os.environ[image_utils.THREADS_ENV], d.extractor.session.get_session_options().intra_op_num_threads)
+                for d in score_archive._detectors.values()]
+    loaded = [t for per_worker in client.run(threads).values() for t in per_worker]
+    assert loaded and set(loaded) == {('1', 1)}  # one thread on each single-threaded worker
+
 
 def test_refuses_to_mix_runs_in_one_output(tmp_path, monkeypatch, client, feat, model_dir, capsys):
     monkeypatch.chdir(REPO)
