@@ -174,8 +174,8 @@ class Console:
         results = self.inspect([path])
         with contextlib.closing(results):
             result = next(results)
-        if result.error is not None:
-            raise ConsoleError(400, f'{title}: not a readable image (corrupt or unsupported)')
+        if result.error is not None:  # the reason, naming the image as the user knows it
+            raise ConsoleError(400, result.error.replace(path, title))
         return {'name': title, 'score': result.score, 'anomaly': bool(result.anomaly),
                 'threshold': self.detector.threshold_,
                 'figure': png_data_url(self.detector.render_figure(result, title=title))}
@@ -263,18 +263,14 @@ async def send_json(send, status, payload, headers=()):
     await send({'type': 'http.response.body', 'body': body})
 
 
-def too_large(limit):
-    return f'request body over the limit of {limit / (1 << 20):.3g} MiB' if limit >= 1 << 20 \
-        else f'request body over the limit of {limit >> 10} KiB'
-
-
 class Guard:
     """Pure ASGI middleware: refuses a request without the token (401) or with a body over the
     limit (413; checked on Content-Length and again while the body is read, so a chunked upload
     cannot pass), and adds the security headers to every answer."""
 
-    def __init__(self, app, token=None, max_body=20 << 20):
-        self.app, self.token, self.max_body = app, token, max_body
+    def __init__(self, app, token=None, max_upload_mb=20):
+        self.app, self.token, self.max_upload_mb = app, token, max_upload_mb
+        self.max_upload_body = int(max_upload_mb * (1 << 20)) + MULTIPART_OVERHEAD
 
     def authorised(self, scope):
         """-> (ok, cookie header to set or None)."""
@@ -306,11 +302,14 @@ class Guard:
             return await send_json(send, 401, {'error': 'missing or wrong token: send "Authorization: Bearer TOKEN" '
                                                         '(the page: open /?token=TOKEN)'},
                                    [(b'www-authenticate', b'Bearer')])
-        limit = self.max_body if scope['path'] == '/api/score' else MAX_JSON_BODY
+        if scope['path'] == '/api/score':
+            limit, too_large = self.max_upload_body, f'upload over the limit of {self.max_upload_mb:g} MiB'
+        else:
+            limit, too_large = MAX_JSON_BODY, f'request body over the limit of {MAX_JSON_BODY >> 10} KiB'
         length = dict(scope['headers']).get(b'content-length')
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await send_json(send, 413 if length.isdigit() else 400,
-                                   {'error': too_large(limit) if length.isdigit() else 'bad Content-Length'})
+                                   {'error': too_large if length.isdigit() else 'bad Content-Length'})
         received = 0
 
         async def limited_receive():
@@ -318,7 +317,7 @@ class Guard:
             message = await receive()
             received += len(message.get('body', b''))
             if received > limit:
-                raise HTTPException(413, too_large(limit))
+                raise HTTPException(413, too_large)
             return message
 
         async def send_with_headers(message):
@@ -407,7 +406,7 @@ def create_app(console, token=None, max_upload_mb=20):
             raise ConsoleError(400, '"threshold" must be a finite number')
         return console.set_threshold(float(value))
 
-    return Guard(app, token, max_upload + MULTIPART_OVERHEAD)
+    return Guard(app, token, max_upload_mb)
 
 
 async def json_body(request):
