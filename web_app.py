@@ -114,16 +114,18 @@ class Console:
         d, meta = self.detector, self.detector.meta_
         return {'model': meta.get('backbone'), 'method': meta.get('method'), 'threshold': d.threshold_,
                 'pixel_threshold': d.pixel_threshold_, 'threshold_source': d.threshold_source_,
-                'threshold_set_at': meta.get('threshold_set_at'), 'n_train_images': meta.get('n_train_images'),
+                'n_train_images': meta.get('n_train_images'),
                 'input_size': meta.get('input_size'), 'train_dir': meta.get('train_dir'),
                 'localizes': d.localizes, 'feature_file': os.path.basename(self.feat_path),
                 'data_root': self.data_root is not None}
 
     def set_threshold(self, value):
+        """Use `value` as the image threshold from now on and store it in the feature file (atomically),
+        its source saying that it was set in the console, and when."""
+        source = f'{CONSOLE_SOURCE} on {time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())} UTC'
         with self.lock:
-            self.detector.set_threshold(value, CONSOLE_SOURCE)
-            self.detector.save(self.feat_path)
-        logger.info('threshold %.4f set in the console, saved to %s', value, self.feat_path)
+            self.detector.set_threshold(value, source).save(self.feat_path)
+        logger.info('saved to %s', self.feat_path)
         return self.model_card()
 
     # -- labelled scores (the threshold control's histogram) -------------------------------------
@@ -138,7 +140,7 @@ class Console:
         """Score the labelled images once (in a background thread at startup) for the histogram."""
         scores, labels = [], []
         try:
-            for result in self.inspect(paths, masks):
+            for result in self.inspect(paths, masks, desc='console: labelled images'):
                 self.scores['done'] += 1
                 if result.error is None:
                     scores.append(result.score)
@@ -155,10 +157,10 @@ class Console:
 
     # -- inspection -------------------------------------------------------------------------------
 
-    def inspect(self, images, masks=None):
+    def inspect(self, images, masks=None, desc=None):
         """Detector.inspect, holding the lock only while the pipeline works on the next item, so a
-        folder being scored and single uploads take turns."""
-        results = self.detector.inspect(images, masks)
+        folder being scored and single uploads take turns. desc: progress bar label (None: no bar)."""
+        results = self.detector.inspect(images, masks, desc=desc)
         try:
             while True:
                 with self.lock:
@@ -239,7 +241,7 @@ class Console:
         order, then {"done", "scored", "anomalous"}. The images stream through the batch pipeline."""
         yield json.dumps({'total': len(images), 'threshold': self.detector.threshold_}) + '\n'
         scored = anomalous = 0
-        for result in self.inspect(images):
+        for result in self.inspect(images, desc='console: folder'):
             line = {'index': result.index, 'path': self.relative(images[result.index])}
             if result.error is None:
                 line.update(score=result.score, anomaly=bool(result.anomaly))

@@ -59,7 +59,7 @@ function showCard(card) {
   $('card-method').textContent = card.method + (card.localizes ? '' : ' (no heat maps)');
   $('card-train').textContent = card.n_train_images + (card.train_dir ? ' from ' + card.train_dir : '');
   $('card-threshold').textContent = fmt(card.threshold);
-  $('card-source').textContent = card.threshold_source + (card.threshold_set_at ? ', ' + card.threshold_set_at : '');
+  $('card-source').textContent = card.threshold_source;
   $('card-pixel').textContent = fmt(card.pixel_threshold);
   $('card-feat').textContent = card.feature_file;
   $('folder-panel').hidden = !card.data_root;
