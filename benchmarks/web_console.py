@@ -5,9 +5,11 @@
 Starts `web_app.py` as a user would (a subprocess on a free loopback port, with a token), sends
 --requests uploads of the images one after the other (after one warm-up request), and reports the
 median and 95th percentile of the server-side time (the Server-Timing header: form parsing, decoding,
-scoring, figure and PNG encoding) and of the client's round trip. Then opens the page in Debian's
+scoring, figure and PNG encoding) and of the client's round trip, against a baseline measured in the
+same run: Detector.inspect of the same images one at a time, in-process (decoding and scoring only). Then opens the page in Debian's
 Chromium with Playwright and reports the navigation's load event and the time until the page is ready
-(model card and threshold histogram drawn); --screenshot also uploads a few images and saves the page.
+(model card and threshold histogram drawn); --screenshot also uploads four sample images (images/)
+and saves the page.
 """
 import argparse
 import os
@@ -24,6 +26,7 @@ sys.path.insert(0, REPO)
 import image_utils  # noqa: E402
 
 TOKEN = 'benchmark'
+SCREENSHOT_IMAGES = ('good_000.png', 'broken_small_000.png', 'contamination_005.png', 'broken_large_000.png')
 CHROMIUM_FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
                   '--disable-component-update', '--disable-sync']
 
@@ -36,7 +39,7 @@ def free_port():
 
 def start_console(args, port):
     command = [sys.executable, os.path.join(REPO, 'web_app.py'), '--feat', args.feat, '--port', str(port),
-               '--token', TOKEN, '--model_dir', args.model_dir]
+               '--token', TOKEN, '--model_dir', args.model_dir, '--data_root', args.images]
     server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -72,6 +75,19 @@ def measure_scoring(url, paths, count):
             round_trip_ms.append(elapsed)
             server_ms.append(float(response.headers['server-timing'].split('dur=')[1]))
     return server_ms, round_trip_ms
+
+
+def measure_inspect_alone(args, paths, count):
+    """The baseline, in this process while the server idles: decoding and scoring one image at a time
+    with Detector.inspect (what /api/score does before drawing the figure), ms per image."""
+    from mahalanobisad import Detector
+    detector = Detector.load(args.feat, model_dir=args.model_dir)
+    times = []
+    for i in range(count + 1):
+        started = time.perf_counter()
+        next(detector.inspect([paths[i % len(paths)]], desc=None))
+        times.append((time.perf_counter() - started) * 1e3)
+    return times[1:]
 
 
 def measure_page(url, screenshot, paths, loads=5):
@@ -115,7 +131,8 @@ def main():
     url = f'http://127.0.0.1:{port}'
     try:
         server_ms, round_trip_ms = measure_scoring(url, paths, args.requests)
-        shots = [paths[0], paths[len(paths) // 2], paths[-1]]
+        alone_ms = measure_inspect_alone(args, paths, args.requests)
+        shots = [os.path.join(REPO, 'images', name) for name in SCREENSHOT_IMAGES]
         load_ms, ready_ms = measure_page(url, args.screenshot, shots)
     finally:
         server.terminate()
@@ -123,6 +140,8 @@ def main():
     print(f'POST /api/score, {args.requests} requests of {args.images} (after 1 warm-up), ms:')
     print('  server side (Server-Timing): median %.1f  p95 %.1f' % percentiles(server_ms))
     print('  client round trip:           median %.1f  p95 %.1f' % percentiles(round_trip_ms))
+    print('  baseline, Detector.inspect of one image in-process (no figure, no HTTP): median %.1f  p95 %.1f'
+          % percentiles(alone_ms))
     print(f'page in headless Chromium, {len(load_ms)} fresh loads, ms:')
     print('  load event:                  median %.1f  max %.1f' % (statistics.median(load_ms), max(load_ms)))
     print('  ready (card + histogram):    median %.1f  max %.1f' % (statistics.median(ready_ms), max(ready_ms)))
