@@ -244,13 +244,14 @@ class Console:
         yield json.dumps({'total': len(images), 'threshold': self.detector.threshold_}) + '\n'
         scored = anomalous = 0
         for result in self.inspect(images, desc='console: folder'):
-            line = {'index': result.index, 'path': self.relative(images[result.index])}
+            relative = self.relative(images[result.index])
+            line = {'index': result.index, 'path': relative}
             if result.error is None:
                 line.update(score=result.score, anomaly=bool(result.anomaly))
                 scored += 1
                 anomalous += bool(result.anomaly)
-            else:
-                line['error'] = 'not a readable image'
+            else:  # the reason, with the path as the page shows it (the data root is not disclosed)
+                line['error'] = result.error.replace(images[result.index], relative)
             yield json.dumps(line) + '\n'
         yield json.dumps({'done': True, 'scored': scored, 'anomalous': anomalous}) + '\n'
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-import httpx
+import httpx2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -61,7 +61,7 @@ def percentiles(values):
 def measure_scoring(url, paths, count):
     headers = {'Authorization': f'Bearer {TOKEN}'}
     server_ms, round_trip_ms = [], []
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+    with httpx2.Client(base_url=url, headers=headers, timeout=60) as client:
         for i in range(count + 1):
             path = paths[i % len(paths)]
             with open(path, 'rb') as f:

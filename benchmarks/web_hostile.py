@@ -18,7 +18,7 @@ import tempfile
 import time
 import zlib
 
-import httpx
+import httpx2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -80,12 +80,12 @@ def main():
                                '--token', TOKEN, '--data_root', root, '--model_dir', args.model_dir],
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f'http://127.0.0.1:{port}'
-    c = httpx.Client(base_url=url, timeout=60)
+    c = httpx2.Client(base_url=url, timeout=60)
     for _ in range(600):
         try:
             c.get('/')
             break
-        except httpx.TransportError:
+        except httpx2.TransportError:
             time.sleep(0.2)
     before = snapshot(work) | snapshot(REPO)
     good = open(GOOD, 'rb').read()
@@ -157,7 +157,7 @@ def main():
         try:
             r = send()
             answer = r if isinstance(r, str) else f'{r.status_code} {r.text[:90]}'
-        except httpx.HTTPError as e:
+        except httpx2.HTTPError as e:
             answer = f'{type(e).__name__}: {e}'
         print(f'{name:46s} {answer}  [{(time.perf_counter() - started) * 1e3:.0f} ms]')
 

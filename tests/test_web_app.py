@@ -288,12 +288,12 @@ def wait_until(page, expression, timeout=30):
         time.sleep(0.05)
 
 
-def test_browser_inspect_move_threshold_and_save(tmp_path, fitted_feat, model_dir):
+def test_browser_inspect_score_folder_move_threshold_and_save(tmp_path, fitted_feat, model_dir, data_root):
     assert os.path.exists(CHROMIUM), 'Debian chromium is needed: apt-get install chromium (see .ci/run)'
     from playwright.sync_api import sync_playwright
     feat = str(tmp_path / 'console.pkl')
     shutil.copy(fitted_feat, feat)
-    console = web_app.Console(Detector.load(feat, model_dir=model_dir), feat, None, labelled())
+    console = web_app.Console(Detector.load(feat, model_dir=model_dir), feat, data_root, labelled())
     console.score_labelled(*labelled()[:2])
     before = console.detector.threshold_
     with serving(web_app.create_app(console, TOKEN)) as url, sync_playwright() as p:
@@ -312,6 +312,16 @@ def test_browser_inspect_move_threshold_and_save(tmp_path, fitted_feat, model_di
             assert page.text_content('#result-rows tr td') == os.path.basename(DEFECT)
             assert page.text_content('#result-rows .verdict-anomaly') == 'ANOMALY'
             wait_until(page, "document.getElementById('figure').naturalWidth > 1000")
+
+            page.select_option('#folder-select', 'lot1')  # into the folder, then score it (streamed)
+            page.wait_for_selector('#folder-count:has-text("3 images")')
+            page.click('#score-folder')
+            page.wait_for_selector('#status:has-text("Scored 2 images of lot1: 1 anomalous")', timeout=30_000)
+            rows = page.locator('#result-rows tr')
+            assert rows.count() == 4 and rows.nth(0).locator('td').nth(2).text_content() == 'ANOMALY'
+            page.click('#result-rows tr:has-text("lot1/good.png")')  # its figure is drawn on demand
+            page.wait_for_selector('#figure-note:has-text("lot1/good.png")')
+            assert page.locator('#result-rows tr:has-text("lot1/notes.png") .verdict-error').count() == 1
 
             fpr_before = page.text_content('#fpr')
             page.focus('#threshold-slider')
