@@ -70,8 +70,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.max_upload_mb < 4096:
         p.error(f'--max_upload_mb must be in (0, 4096), got {args.max_upload_mb}')
-    if args.data_root is not None and not os.path.isdir(args.data_root):
-        p.error(f'--data_root is not a directory: {args.data_root}')
+    for flag in ('data_root', 'test_dir', 'gt_dir'):  # before the model loads: a typo fails at once
+        if getattr(args, flag) is not None and not os.path.isdir(getattr(args, flag)):
+            p.error(f'--{flag} is not a directory: {getattr(args, flag)}')
     return args
 
 

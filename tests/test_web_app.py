@@ -248,9 +248,11 @@ def test_other_bad_requests(client):
 def test_command_line_errors(capsys, tmp_path):
     assert web_app.run(['--feat', str(tmp_path / 'none.pkl')]) == 1
     assert 'feature file not found' in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        web_app.parse_args(['--feat', 'x', '--data_root', str(tmp_path / 'none')])
-    assert e.value.code == 2
+    for flag in ('--data_root', '--test_dir', '--gt_dir'):
+        with pytest.raises(SystemExit) as e:
+            web_app.parse_args(['--feat', 'x', flag, str(tmp_path / 'none')])
+        assert e.value.code == 2
+        assert f'{flag} is not a directory' in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
