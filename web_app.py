@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 
 import cv2
 import uvicorn
@@ -290,18 +291,20 @@ class Guard:
         if scope['method'] == 'GET' and scope['path'] in STATIC_FILES:
             # The page and its assets: ?token= on the first load, then a same-site cookie, which the
             # browser sends with the page's <script> and <link>. The API itself wants the header.
-            query = dict(pair.split(b'=', 1) for pair in scope['query_string'].split(b'&') if b'=' in pair)
-            if hmac.compare_digest(query.get(b'token', b''), expected):
-                cookie = f'{TOKEN_COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/'.encode()
-                return True, (b'set-cookie', cookie)
-            for part in headers.get(b'cookie', b'').split(b';'):
-                name, _, value = part.strip().partition(b'=')
-                if name == TOKEN_COOKIE.encode() and hmac.compare_digest(value, expected):
+            query = urllib.parse.parse_qs(scope['query_string'].decode('latin-1'))
+            if hmac.compare_digest(query.get('token', [''])[0].encode(), expected):
+                value = urllib.parse.quote(self.token, safe='')
+                return True, (b'set-cookie', f'{TOKEN_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/'.encode())
+            for part in headers.get(b'cookie', b'').decode('latin-1').split(';'):
+                name, _, value = part.strip().partition('=')
+                if name == TOKEN_COOKIE and hmac.compare_digest(urllib.parse.unquote(value).encode(), expected):
                     return True, None
         return False, None
 
     async def __call__(self, scope, receive, send):
-        if scope['type'] != 'http':
+        if scope['type'] == 'websocket':  # the console has none: refused before anything else
+            return await send({'type': 'websocket.close', 'code': 1008})
+        if scope['type'] != 'http':  # lifespan
             return await self.app(scope, receive, send)
         ok, cookie = self.authorised(scope)
         if not ok:

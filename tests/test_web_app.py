@@ -184,10 +184,12 @@ def test_token(client):
 
 
 def test_page_token_then_cookie(fitted_feat, model_dir):
-    client = make_client(fitted_feat, model_dir)
+    token = 'a b+c;d%'  # survives URL and cookie encoding
+    client = make_client(fitted_feat, model_dir, token=token)
     assert client.get('/').status_code == 401
     assert client.get('/static/console.js').status_code == 401
-    page = client.get(f'/?token={TOKEN}')
+    assert client.get('/', params={'token': 'a b'}).status_code == 401
+    page = client.get('/', params={'token': token})
     assert page.status_code == 200 and '<title>MahalanobisAD console</title>' in page.text
     assert 'HttpOnly' in page.headers['set-cookie'] and 'SameSite=Strict' in page.headers['set-cookie']
     assert "default-src 'self'" in page.headers['content-security-policy']
