@@ -175,7 +175,8 @@ def fit(method, train_paths, extractor, spec, batch_size=16, aug_num=0, seed=0):
         raise UsageError(f'need at least 2 readable training images, found {len(set(groups))}')
     train_features = anomaly_model.concatenate_features(batches)
     logger.info('fitting %s on %d views of %d images', method.name, len(groups), len(set(groups)))
-    method.fit(train_features)
+    # Fitted with the hold-out folds, so a method can carve its hold-out models out of this fit.
+    method.fit(train_features, folds=anomaly_model.holdout_folds(np.array(groups), seed=seed))
     image_scores, pixel_max = anomaly_model.holdout_scores(method, train_features, np.array(groups),
                                                            spec.input_size, seed=seed)
     return {'image': float(image_scores.max()), 'pixel': pixel_max}
