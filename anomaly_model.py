@@ -31,7 +31,7 @@ from model_utils import atomic_write_bytes
 FEATURE_FILE_FORMAT = 'mahalanobisad-features'
 FEATURE_FILE_VERSION = 2
 PIXEL_MAP_SIGMA = 4.0  # Gaussian smoothing of the upsampled map, pixels (as in PaDiM and PatchCore)
-CORESET_CHUNK_PATCHES = 12544  # PatchCore's greedy coreset runs per chunk of this many patches (16 lite0 images)
+CORESET_CHUNK_PATCHES = 25088  # PatchCore's greedy coreset runs per chunk of this many patches (32 lite0 images)
 IVF_PROBES = 8  # inverted lists searched per query by PatchCore's index
 
 
@@ -135,22 +135,23 @@ def nearest_distances(queries, bank, chunk=2048):
     return distances, indices
 
 
-def greedy_coreset(points, count, projection_dims=128, seed=0):
-    """Indices of `count` rows of `points` (M, D) chosen by greedy k-centre selection (PatchCore).
+def random_projection(dims, projection_dims, rng):
+    """(dims, projection_dims) float32 seeded Gaussian projection (Johnson-Lindenstrauss), or None
+    where the points have no more dimensions than that. float32: a float64 projection would double
+    the cost of every greedy step."""
+    if dims <= projection_dims:
+        return None
+    return (rng.standard_normal((dims, projection_dims)) / np.sqrt(projection_dims)).astype(np.float32)
 
-    Each step takes the point farthest from those chosen, so every point ends up close to a chosen
-    one. Distances are measured after a seeded Gaussian random projection to projection_dims
-    (Johnson-Lindenstrauss), as in the paper: one matrix-vector product per step.
-    """
-    rng = np.random.default_rng(seed)
-    if points.shape[1] > projection_dims:
-        # float32 throughout: a float64 projection would double the cost of every step.
-        projection = (rng.standard_normal((points.shape[1], projection_dims)) / np.sqrt(projection_dims))
-        points = points @ projection.astype(np.float32)
+
+def farthest_first(points, count, first, min_squared=None):
+    """Indices of `count` rows of points (M, d) float32, each the farthest from those before it
+    (greedy k-centre), starting from row `first`, or, given min_squared (M,) (squared distances to
+    points chosen earlier), from the farthest of those. One matrix-vector product per step."""
     squared_norms = np.einsum('ij,ij->i', points, points)
+    min_squared = np.full(len(points), np.inf, np.float32) if min_squared is None else min_squared.astype(np.float32)
     chosen = np.empty(count, np.int64)
-    chosen[0] = rng.integers(len(points))
-    min_squared = np.full(len(points), np.inf, np.float32)
+    chosen[0] = first if not np.isfinite(min_squared).all() else int(min_squared.argmax())
     for i in range(1, count + 1):
         centre = points[chosen[i - 1]]
         np.minimum(min_squared, squared_norms - 2 * (points @ centre) + centre @ centre, out=min_squared)
@@ -159,30 +160,57 @@ def greedy_coreset(points, count, projection_dims=128, seed=0):
     return chosen
 
 
-def chunked_coreset(patches, ratio, folds=None, chunk_patches=CORESET_CHUNK_PATCHES, projection_dims=128, seed=0):
-    """Flat indices into patches.reshape(-1, D) of about ratio x N x P patches: a greedy k-centre
-    coreset of every chunk of consecutive rows (images) of the same fold, merged.
+def greedy_coreset(points, count, projection_dims=128, seed=0):
+    """Indices of `count` rows of `points` (M, D) chosen by greedy k-centre selection (PatchCore).
 
-    patches (N, P, D) float32; folds (N,) int or None (one fold). Exact greedy costs (patches x
-    bank), quadratic in the training set; over chunks of at most `chunk_patches` patches it is
-    linear. Bottle (lite0, 164k patches, ratio 0.1), against the exact greedy: 16 images a chunk
-    cost 4.8 s instead of 228 s, with the largest distance from a patch to the bank 20.5 instead of
-    19.0 and the mean 9.85 instead of 10.97 (benchmarks/patchcore_scale.py). Chunks never straddle
-    folds, so the bank of a fit without fold k is this bank without fold k's chunks.
+    Each step takes the point farthest from those chosen, so every point ends up close to a chosen
+    one. Distances are measured after a seeded Gaussian random projection to projection_dims, as in
+    the paper. Costs M x count steps: the exact reference that chunked_coreset is measured against.
+    """
+    rng = np.random.default_rng(seed)
+    projection = random_projection(points.shape[1], projection_dims, rng)
+    return farthest_first(points if projection is None else points @ projection, count, rng.integers(len(points)))
+
+
+def chunked_coreset(patches, ratio, folds=None, chunk_patches=CORESET_CHUNK_PATCHES, projection_dims=128, seed=0):
+    """Flat indices into patches.reshape(-1, D) of about ratio x N x P patches: greedy k-centre over
+    chunks of consecutive rows (images) of the same fold, each chunk starting from what the
+    previous chunk of its fold chose, merged.
+
+    patches (N, P, D) float32; folds (N,) int or None (one fold). The exact greedy costs (patches x
+    bank), quadratic in the training set; chunks of at most `chunk_patches` patches make it linear,
+    and starting from the previous chunk's choice spends a chunk's share of the bank on what that
+    choice does not already cover (measured in benchmarks/patchcore_scale.py --coverage). Chunks
+    never straddle folds, so the bank of a fit without fold k is this bank without fold k's chunks.
     """
     n, p, d = patches.shape
     folds = np.zeros(n, np.int64) if folds is None else np.asarray(folds)
+    rng = np.random.default_rng(seed)
+    projection = random_projection(d, projection_dims, rng)
     rows_per_chunk = max(1, chunk_patches // p)
     chosen = []
     for fold in np.unique(folds):
         rows = np.flatnonzero(folds == fold)
+        previous = None  # the projected points the previous chunk of this fold chose
         for start in range(0, len(rows), rows_per_chunk):
             chunk_rows = rows[start:start + rows_per_chunk]
             points = patches[chunk_rows].reshape(-1, d)
+            points = points if projection is None else points @ projection
+            covered = None if previous is None else squared_distances(points, previous).min(axis=1)
             count = max(1, int(round(ratio * len(points))))
-            picked = greedy_coreset(points, count, projection_dims, seed=(seed, int(fold), start))
+            picked = farthest_first(points, count, 0, covered)
+            previous = points[picked]
             chosen.append(chunk_rows[picked // p] * p + picked % p)
     return np.concatenate(chosen)
+
+
+def _faiss():
+    """faiss, imported on first use (only PatchCore pays its start-up time), on one thread: its work
+    stays on the caller's thread like all scoring arithmetic, and k-means gives the same centres
+    whatever the number of cores."""
+    import faiss
+    faiss.omp_set_num_threads(1)
+    return faiss
 
 
 def ivf_centroids(bank, seed=0):
@@ -192,8 +220,7 @@ def ivf_centroids(bank, seed=0):
     lists = int(min(2 * np.sqrt(len(bank)), len(bank) / 39))
     if lists < 2 * IVF_PROBES:
         return np.zeros((0, bank.shape[1]), np.float32)
-    import faiss  # imported here: only PatchCore pays its start-up time
-    kmeans = faiss.Kmeans(bank.shape[1], lists, niter=10, seed=seed, max_points_per_centroid=64)
+    kmeans = _faiss().Kmeans(bank.shape[1], lists, niter=10, seed=seed, max_points_per_centroid=64)
     kmeans.train(np.ascontiguousarray(bank, np.float32))
     return kmeans.centroids
 
@@ -215,8 +242,7 @@ class NearestPatchIndex:
         self.bank, self.centroids = bank, centroids
         self.index = None
         if len(centroids):
-            import faiss
-            faiss.omp_set_num_threads(1)  # on the caller's thread, as all scoring arithmetic
+            faiss = _faiss()
             quantizer = faiss.IndexFlatL2(bank.shape[1])
             quantizer.add(np.ascontiguousarray(centroids, np.float32))
             self.index = faiss.IndexIVFFlat(quantizer, bank.shape[1], len(centroids))
@@ -528,7 +554,10 @@ class PatchCoreMethod(AnomalyMethod):
         return {'memory_bank': self.bank, 'bank_centroids': self.centroids}
 
     def load_state(self, arrays):
-        return self.set_bank(arrays['memory_bank'], arrays['bank_centroids'])
+        bank, centroids = arrays['memory_bank'], arrays['bank_centroids']
+        if bank.ndim != 2 or not len(bank) or centroids.ndim != 2 or centroids.shape[1] != bank.shape[1]:
+            raise FeatureFileError(f'memory bank {bank.shape} and index centres {centroids.shape} do not fit together')
+        return self.set_bank(np.ascontiguousarray(bank, np.float32), np.ascontiguousarray(centroids, np.float32))
 
 
 METHODS = {m.name: m for m in (MahalanobisMethod, PadimMethod, SpadeMethod, PatchCoreMethod)}

@@ -120,6 +120,8 @@ def evaluate_category(root, args):
     start = time.perf_counter()
     detector = mahalanobisad.detector_from_args(args).fit(train_paths, source=os.path.abspath(train_dir))
     fit_s = time.perf_counter() - start
+    if args.exact_search:
+        detector.method_.exact_search = True
 
     start = time.perf_counter()
     masks = [image_utils.find_mask(p, test_dir, gt_dir) for p in test_paths] if has_ground_truth else None
@@ -223,6 +225,8 @@ def parse_args(argv=None):
     p.add_argument('--category', action='append', default=None,
                    help='category to evaluate (repeatable); default every category found')
     p.add_argument('--save_path', default='results', help='folder for metrics.csv/json and figures')
+    p.add_argument('--exact_search', action='store_true',
+                   help="patchcore: score with brute-force nearest patches instead of the index (to measure its effect)")
     mahalanobisad.add_model_arguments(p)
     return p.parse_args(argv)
 
