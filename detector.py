@@ -281,16 +281,24 @@ class Detector:
         if n_images < 2:
             raise UsageError(f'need at least 2 readable training images, found {n_images}')
         train_features, groups = anomaly_model.concatenate_features(batches), np.array(groups)
+        kept, excluded = np.ones(len(groups), bool), []
         if self.contamination is not None:
             logger.info('looking for defective training images (contamination %s)', self.contamination)
-        kept, image_scores, pixel_maxima, excluded = anomaly_model.holdout_without_outliers(
-            method, train_features, groups, spec.input_size, self.contamination, seed=self.seed)
-        for group, score, round_ in excluded:
-            logger.warning('excluded training image (held-out score %.3f, round %d): %s', score, round_, names[group])
-        if self.contamination is not None:
+            kept, _, _, excluded = anomaly_model.holdout_without_outliers(
+                method, train_features, groups, spec.input_size, self.contamination, seed=self.seed)
+            for group, score, round_ in excluded:
+                logger.warning('excluded training image (held-out score %.3f, round %d): %s',
+                               score, round_, names[group])
             logger.info('excluded %d of %d training images', len(excluded), n_images)
-        logger.info('fitting %s on %d views of %d images', method.name, int(kept.sum()), n_images - len(excluded))
-        method.fit(anomaly_model.select_features(train_features, kept))
+        train_features, groups = anomaly_model.select_features(train_features, kept), groups[kept]
+        logger.info('fitting %s on %d views of %d images', method.name, len(groups), n_images - len(excluded))
+        # Fitted with the hold-out folds, so a method can carve its hold-out models out of this fit.
+        method.fit(train_features, folds=anomaly_model.holdout_folds(groups, seed=self.seed))
+        image_scores, pixel_maxima = anomaly_model.holdout_scores(method, train_features, groups, spec.input_size,
+                                                                  seed=self.seed)
+        plain = anomaly_model.first_rows(groups)  # one score per source image: its plain view
+        image_scores = image_scores[plain]
+        pixel_maxima = None if pixel_maxima is None else pixel_maxima[plain]
         self.method_ = method
         self.meta_ = dict(self.settings(), model=self.model, train_dir=source,
                           n_train_images=n_images - len(excluded),

@@ -147,6 +147,8 @@ def evaluate_category(root, args):
     start = time.perf_counter()
     detector = mahalanobisad.detector_from_args(args).fit(train_paths, source=os.path.abspath(train_dir))
     fit_s = time.perf_counter() - start
+    if args.exact_search:
+        detector.method_.exact_search = True
 
     start = time.perf_counter()
     masks = [image_utils.find_mask(p, test_dir, gt_dir) for p in test_paths] if has_ground_truth else None
@@ -268,6 +270,8 @@ def parse_args(argv=None):
                    help='move a seeded FRACTION (of the number of training images) of the defective test images '
                         'into the training set (Rippel et al. 2021)')
     mahalanobisad.add_holdout_arguments(p)
+    p.add_argument('--exact_search', action='store_true',
+                   help='patchcore: score with brute-force nearest patches instead of the index')
     mahalanobisad.add_model_arguments(p)
     return p.parse_args(argv)
 
