@@ -25,6 +25,7 @@ MASK_SUFFIXES = ('', '_mask')
 AUG_MAX_ROTATION_DEG = 10.0
 # Larger images are refused from their header, before decoding (--max_pixels): 8192 x 8192.
 DEFAULT_MAX_PIXELS = 8192 * 8192
+OPENCV_MAX_PIXELS = 1 << 30  # OpenCV refuses larger images itself (OPENCV_IO_MAX_IMAGE_PIXELS)
 # Decoded samples may take at most max_pixels x this many bytes: 16-bit RGB at the pixel limit
 # (alpha is dropped while decoding); so float TIFFs are held to a smaller size.
 BYTES_PER_PIXEL_LIMIT = 6

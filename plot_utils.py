@@ -129,7 +129,8 @@ class FigureWriter:
         return self
 
     def __exit__(self, *exc):
-        self.pool.shutdown(wait=True)
+        # On an error (or Ctrl-C) queued figures are dropped; one being written completes.
+        self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
         if exc[0] is None:
             for future in self.futures:
                 future.result()
