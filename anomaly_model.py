@@ -612,7 +612,7 @@ def load_feature_file(path, max_bytes=MAX_FEATURE_FILE_BYTES):
                 raise FeatureFileError(f'{path} has feature file version {meta.get("version")}, '
                                        f'this tool reads version {FEATURE_FILE_VERSION}; refit it')
             method = _method_of(meta)
-            arrays = _read_state(archive, method.expected_state(), max_bytes)
+            arrays = _read_state(archive, method, max_bytes)
             method.load_state(arrays)
     except FeatureFileError:
         raise
@@ -707,15 +707,16 @@ def _check_stored_size(info, f, nbytes, name):
         raise _DamagedFile(f'member {name} stores {info.file_size} bytes, its header implies {f.tell() + nbytes}')
 
 
-def _read_state(archive, expected, max_bytes):
-    """The arrays of `expected` ({name: (shape, dtype)}) from `archive`, after checking every member."""
+def _read_state(archive, method, max_bytes):
+    """The arrays `method` declares (`expected_state`) from `archive`, after checking every member."""
+    expected = method.expected_state()
     members = {name[:-len('.npy')] for name in archive.namelist() if name.endswith('.npy')} - {'meta'}
     unexpected = sorted(set(archive.namelist()) - {f'{name}.npy' for name in expected} - {'meta.npy'})
     missing = sorted(set(expected) - members)
     if unexpected or missing:
         raise _DamagedFile('; '.join(part for part in (
             f'unexpected members {", ".join(unexpected)[:200]}' if unexpected else '',
-            f'missing arrays {", ".join(missing)[:200]}' if missing else '') if part))
+            f'missing arrays {", ".join(missing)[:200]}' if missing else '') if part) + f' for method {method.name}')
     sizes, total = {}, 0
     for name, (shape, dtype) in expected.items():
         with _open_member(archive, f'{name}.npy') as f:

@@ -19,6 +19,9 @@ import numpy as np
 
 # Parallelism is per image (see `stream`): OpenCV's own worker threads would only compete with it.
 cv2.setNumThreads(1)
+# A file OpenCV cannot decode becomes one ImageError saying why; OpenCV's own log lines about it
+# would only repeat that, unformatted (libpng's "libpng error: ..." lines are its own and remain).
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 MASK_SUFFIXES = ('', '_mask')
