@@ -107,12 +107,13 @@ def decode_peak_mb(paths):
 def test_16_bit_rgba_decoding_holds_at_most_6_bytes_a_pixel_and_large_decodes_take_turns(tmp_path):
     """The issue's bomb, scaled down: a 16-bit RGBA PNG of zeros, 4000 x 4000 (16 MP) in 0.3 MB.
     Before: 16-bit RGBA array + shifted copy + 8-bit array = 20 bytes a pixel (320 MB here)."""
-    path = write(tmp_path / 'bomb.png', hostile.png_bomb(4000, 4000))
+    bomb = hostile.png_bomb(4000, 4000)
+    path = write(tmp_path / 'bomb.png', bomb)
     assert os.path.getsize(path) < 1 << 20
     pixels_mb = 4000 * 4000 / 2**20
     single = decode_peak_mb([path])
     assert single < 6 * pixels_mb + 30, single   # the 16-bit RGB array, alpha dropped while decoding
-    copy = write(tmp_path / 'bomb2.png', hostile.png_bomb(4000, 4000))
+    copy = write(tmp_path / 'bomb2.png', bomb)
     both = decode_peak_mb([path, copy])         # two decoding threads, one large image at a time
     assert both < 6 * pixels_mb + 40, both
 
