@@ -230,22 +230,61 @@ def _decode_slot(nbytes):
             yield
 
 
-def _read_checked(path, max_pixels, keep_alpha=False):
-    """The bytes of `path` and its header, after checking the header against the limits:
-    width x height <= max_pixels, and the decoded samples (alpha dropped unless `keep_alpha`)
-    within max_pixels x BYTES_PER_PIXEL_LIMIT bytes. -> (data (n,) uint8, header, decoded bytes)."""
+HEADER_BYTES = 1 << 16  # read first; the whole file only when a header lies further in (JPEG after big APP segments)
+# Decoding from the open file descriptor: OpenCV streams the file and writes the image straight into
+# the array it returns (imdecode of bytes would hold the file and a second copy of the image).
+_PROC_FD = os.path.isdir('/proc/self/fd')
+
+
+@contextlib.contextmanager
+def _checked(path, max_pixels, keep_alpha=False):
+    """Open `path`, check its header against the limits and hold a decoding slot; yields
+    (header, decode) where decode() -> the image in OpenCV's layout (see `_decode`).
+
+    Limits: width x height <= max_pixels; the decoded samples (alpha dropped unless `keep_alpha`)
+    within max_pixels x BYTES_PER_PIXEL_LIMIT bytes; the file no larger than such an image can be.
+    """
     try:
-        with open(path, 'rb') as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_pixels * MAX_FILE_BYTES_PER_PIXEL + MAX_FILE_OVERHEAD:
-                raise ImageError(f'refusing {display_path(path)}: {size / 2**20:.0f} MiB is more than an image of '
-                                 f'--max_pixels {max_pixels} can need')
-            data = np.fromfile(f, np.uint8)
+        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_BINARY', 0))
     except OSError as e:
         raise ImageError(f'cannot read {display_path(path)}: {e.strerror or e}') from None
     try:
-        header = parse_header(data)
+        header, nbytes = _check_header(path, fd, max_pixels, keep_alpha)
+        with _decode_slot(nbytes):
+            yield header, lambda: _decode(path, fd, header, keep_alpha)
+    finally:
+        os.close(fd)
+
+
+def _read_start(fd, count):
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while count > 0:
+        chunk = os.read(fd, min(count, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b''.join(chunks)
+
+
+def _check_header(path, fd, max_pixels, keep_alpha):
+    """-> (header, bytes the decoded image takes), or ImageError if a limit is exceeded."""
+    try:
+        size = os.fstat(fd).st_size
+        if size > max_pixels * MAX_FILE_BYTES_PER_PIXEL + MAX_FILE_OVERHEAD:
+            raise ImageError(f'refusing {display_path(path)}: {size / 2**20:.0f} MiB is more than an image of '
+                             f'--max_pixels {max_pixels} can need')
+        start = _read_start(fd, HEADER_BYTES)
+        try:
+            header = parse_header(start)
+        except ValueError:
+            if size <= len(start):
+                raise
+            header = parse_header(_read_start(fd, size))
         sample_bytes = _sample_bytes(header)
+    except OSError as e:
+        raise ImageError(f'cannot read {display_path(path)}: {e.strerror or e}') from None
     except ValueError as e:
         raise ImageError(f'cannot decode {display_path(path)}: {e}') from None
     pixels = header.width * header.height
@@ -257,24 +296,31 @@ def _read_checked(path, max_pixels, keep_alpha=False):
         raise ImageError(f'refusing {display_path(path)}: {header.width}x{header.height} with {header.channels} '
                          f'channels of {header.bits} bits needs {nbytes / 2**20:.0f} MiB to decode, more than '
                          f'--max_pixels {max_pixels} allows')
-    return data, header, nbytes
+    return header, nbytes
 
 
-def _decode(path, data, header, keep_alpha=False):
-    """Decode to OpenCV's layout (gray (H, W), BGR (H, W, 3), or BGRA with `keep_alpha`), any
-    depth. Gray and colour are decoded as such and alpha is dropped by the decoder itself, so no
-    larger array than the result is ever allocated."""
+def _decode(path, fd, header, keep_alpha=False):
+    """Decode the open file `fd` to OpenCV's layout (gray (H, W), BGR (H, W, 3), or BGRA with
+    `keep_alpha`), any depth, EXIF orientation ignored (as the masks are drawn). Gray and colour are
+    decoded as such and alpha is dropped by the decoder itself, so no larger array than the result
+    is allocated."""
     if keep_alpha:
         flags = cv2.IMREAD_UNCHANGED
     else:
-        flags = cv2.IMREAD_ANYDEPTH | (cv2.IMREAD_GRAYSCALE if header.channels <= 2 else cv2.IMREAD_COLOR)
+        flags = (cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+                 | (cv2.IMREAD_GRAYSCALE if header.channels <= 2 else cv2.IMREAD_COLOR))
     try:
-        image = cv2.imdecode(data, flags)
+        if _PROC_FD:  # an output array given: the binding returns OpenCV's own buffer, not a copy
+            image = cv2.imread(f'/proc/self/fd/{fd}', np.empty(0, np.uint8), flags)
+        else:
+            image = cv2.imdecode(np.frombuffer(_read_start(fd, os.fstat(fd).st_size), np.uint8), flags)
     except cv2.error as e:
         raise ImageError(f'cannot decode {display_path(path)}: {_first_line(e)}') from None
     except MemoryError:
         raise ImageError(f'cannot decode {display_path(path)}: out of memory') from None
-    if image is None:
+    except OSError as e:
+        raise ImageError(f'cannot read {display_path(path)}: {e.strerror or e}') from None
+    if image is None or image.size == 0:
         raise ImageError(f'cannot decode {display_path(path)}: not a readable image (corrupt or unsupported)')
     if image.shape[:2] != (header.height, header.width):  # the decoder disagrees with the header
         raise ImageError(f'cannot decode {display_path(path)}: header says {header.width}x{header.height}, '
@@ -330,10 +376,8 @@ def load_image(path, bit_depth=None, max_pixels=DEFAULT_MAX_PIXELS):
     bit_depth: significant bits of 16-bit images (see `load_view`). max_pixels: larger images are
     refused from their header, before decoding. Raises ImageError.
     """
-    data, header, nbytes = _read_checked(path, max_pixels)
-    with _decode_slot(nbytes):
-        image = _decode(path, data, header)
-        del data
+    with _checked(path, max_pixels) as (_, decode):
+        image = decode()
         full_scale = _uint16_full_scale(image, bit_depth, path) if image.dtype == np.uint16 else None
         return _to_rgb(_to_uint8(image, full_scale))
 
@@ -350,10 +394,8 @@ def load_view(path, resize_size, crop_size, bit_depth=None, max_pixels=DEFAULT_M
     and keeps it in the feature file; None means full-range 16-bit. Values above the range are
     clipped, with a warning.
     """
-    data, header, nbytes = _read_checked(path, max_pixels)
-    with _decode_slot(nbytes):
-        image = _decode(path, data, header)
-        del data
+    with _checked(path, max_pixels) as (_, decode):
+        image = decode()
         full_scale = _uint16_full_scale(image, bit_depth, path) if image.dtype == np.uint16 else None
         view = network_view(image, resize_size, crop_size)
         shape = image.shape[:2]
@@ -372,11 +414,10 @@ def learn_bit_depth(paths, max_pixels=DEFAULT_MAX_PIXELS, workers=None):
     caller's own loading, which reports them.
     """
     def peak(path):
-        data, header, nbytes = _read_checked(path, max_pixels)
-        if header.bits != 16 or header.is_float:
-            return None
-        with _decode_slot(nbytes):
-            image = _decode(path, data, header)
+        with _checked(path, max_pixels) as (header, decode):
+            if header.bits != 16 or header.is_float:
+                return None
+            image = decode()
             return int(image.max()) if image.dtype == np.uint16 else None
 
     peaks = [value for batch in stream(paths, peak, batch_size=8, workers=workers)
@@ -395,9 +436,8 @@ def load_mask(path, image_shape=None, max_pixels=DEFAULT_MAX_PIXELS):
     it, reads like the same mask without alpha.
     image_shape: (H, W) of the image the mask belongs to; a mask of another size is an error.
     """
-    data, header, nbytes = _read_checked(path, max_pixels, keep_alpha=True)
-    with _decode_slot(nbytes):
-        mask = _decode(path, data, header, keep_alpha=True)
+    with _checked(path, max_pixels, keep_alpha=True) as (_, decode):
+        mask = decode()
         if mask.ndim == 3 and mask.shape[2] in (2, 4):
             colour, alpha = mask[..., :-1], mask[..., -1]
             defect = (colour != 0).any(axis=2)

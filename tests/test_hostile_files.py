@@ -83,16 +83,17 @@ def test_a_file_too_large_for_any_image_within_the_limit_is_not_read(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 MEMORY_CHILD = '''
-import resource, sys, json
+import sys, json
 import image_utils
+from tests.fuzz_child import peak_rss_mb
 paths = sys.argv[1:]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_mb()
 if len(paths) == 1:
     image_utils.load_view(paths[0], 256, 224, max_pixels=10**8)
 else:
     batches = list(image_utils.stream(paths, lambda p: image_utils.load_view(p, 256, 224, max_pixels=10**8)[1], 2, 2))
     assert all(not isinstance(r, Exception) for b in batches for _, r in b), batches
-print(json.dumps({'before_mb': before / 1024, 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({'before_mb': before, 'peak_mb': peak_rss_mb()}))
 '''
 
 
