@@ -336,14 +336,15 @@ def _first_line(error):
 def _uint16_full_scale(image, bit_depth, path):
     """The value that maps to 255 for a 16-bit image under the bit-depth policy (see `load_view`),
     with a warning where the image does not fit the learnt depth."""
-    if bit_depth is None or bit_depth == 16:
+    if bit_depth is None or bit_depth >= 16:
         return 65535
-    if bit_depth <= 8:
-        logger.warning('%s is 16-bit but the training images were 8-bit: scaled from the full 16-bit range, '
-                       'its score may not compare', display_path(path))
-        return 65535
-    full = (1 << bit_depth) - 1
     peak = int(image.max())
+    if bit_depth <= 8:  # no 16-bit training image to learn from: this image's own range is the best guess
+        guess = smallest_bit_depth(peak)
+        logger.warning('%s is 16-bit but the training images were 8-bit: scaled as %d-bit (its largest value is '
+                       '%d), its score may not compare', display_path(path), guess, peak)
+        return (1 << guess) - 1
+    full = (1 << bit_depth) - 1
     if peak > full:
         logger.warning('%s has values up to %d, above the %d-bit range (0..%d) learnt from the training images: '
                        'clipped, its score may not compare', display_path(path), peak, bit_depth, full)
@@ -391,8 +392,9 @@ def load_view(path, resize_size, crop_size, bit_depth=None, max_pixels=DEFAULT_M
     High bit depth policy: a 16-bit image holds `bit_depth` significant bits (a 12-bit camera
     writes 0..4095) and 0..2**bit_depth - 1 maps linearly onto 0..255, so it scores like the same
     picture in 8 bits. The Detector learns bit_depth from its training images (`learn_bit_depth`)
-    and keeps it in the feature file; None means full-range 16-bit. Values above the range are
-    clipped, with a warning.
+    and keeps it in the feature file. Values above the range are clipped, with a warning. bit_depth
+    8 (training images all 8-bit): a 16-bit image is scaled by the smallest of 10, 12, 14, 16 bits
+    that holds its largest value, with a warning. None: full-range 16-bit, no warning.
     """
     with _checked(path, max_pixels) as (_, decode):
         image = decode()
@@ -422,9 +424,12 @@ def learn_bit_depth(paths, max_pixels=DEFAULT_MAX_PIXELS, workers=None):
 
     peaks = [value for batch in stream(paths, peak, batch_size=8, workers=workers)
              for _, value in batch if isinstance(value, int)]
-    if not peaks:
-        return 8
-    return next(bits for bits in HIGH_BIT_DEPTHS if max(peaks) < 1 << bits)
+    return smallest_bit_depth(max(peaks)) if peaks else 8
+
+
+def smallest_bit_depth(peak):
+    """The smallest of HIGH_BIT_DEPTHS whose range holds `peak`."""
+    return next(bits for bits in HIGH_BIT_DEPTHS if peak < 1 << bits)
 
 
 def load_mask(path, image_shape=None, max_pixels=DEFAULT_MAX_PIXELS):

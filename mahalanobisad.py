@@ -389,15 +389,16 @@ def report_images(inputs, labelled, fresh, threshold, pixel_threshold, args, fig
         if scored is None:
             continue
         anomalous = scored.score >= threshold
-        results.append({'path': path, 'score': scored.score, 'anomaly': bool(anomalous)})
+        shown = image_utils.display_path(path)  # valid UTF-8 whatever bytes the name holds
+        results.append({'path': shown, 'score': scored.score, 'anomaly': bool(anomalous)})
         figure = None
-        if not args.no_figures:
+        if not args.no_figures:  # a name derived from a long input name is shortened to fit
             figure = (args.savepath or DEFAULT_SINGLE_SAVEPATH if len(inputs) == 1
-                      else os.path.join(args.savepath or DEFAULT_MULTI_SAVEPATH, name + '.png'))
+                      else model_utils.fit_path(os.path.join(args.savepath or DEFAULT_MULTI_SAVEPATH, name + '.png')))
             figures.submit(figure, scored.view, scored.gt_mask, scored.anomaly_map,
-                           scored.score, threshold, pixel_threshold, title=path)
-        logger.info('%s : score %.3f threshold %.3f -> %s%s', path, scored.score, threshold,
-                    'ANOMALY' if anomalous else 'normal', f'  [{figure}]' if figure else '')
+                           scored.score, threshold, pixel_threshold, title=shown)
+        logger.info('%s : score %.3f threshold %.3f -> %s%s', shown, scored.score, threshold,
+                    'ANOMALY' if anomalous else 'normal', f'  [{image_utils.display_path(figure)}]' if figure else '')
     return results
 
 

@@ -289,8 +289,9 @@ def test_an_image_outside_the_learnt_range_is_warned_about(tmp_path, caplog):
     image_utils.load_view(path, 16, 16, bit_depth=12)
     assert 'values up to 9000, above the 12-bit range (0..4095)' in caplog.text
     caplog.clear()
-    image_utils.load_view(path, 16, 16, bit_depth=8)
-    assert 'the training images were 8-bit' in caplog.text
+    view = image_utils.load_view(path, 16, 16, bit_depth=8)[0]
+    assert 'the training images were 8-bit: scaled as 14-bit (its largest value is 9000)' in caplog.text
+    assert view.max() == round(9000 * 255 / 16383)
     caplog.clear()
     image_utils.load_view(path, 16, 16, bit_depth=14)
     assert caplog.text == ''
