@@ -149,7 +149,7 @@ def make_dir_with(tmp_path, name, count, corrupt=0):
 @pytest.mark.parametrize('case, message', [
     ('missing_input', 'no such file or directory'),
     ('empty_input', 'no images'),
-    ('single_corrupt_input', 'none of the input images could be read'),
+    ('single_corrupt_input', 'cannot decode'),
     ('missing_train', 'no such file or directory'),
     ('one_train_image', 'need at least 2 readable training images, found 1'),
     ('unknown_model', "unknown model 'b99'"),
