@@ -92,7 +92,8 @@ def test_lowered_pixel_limit_applies_to_inputs(tmp_path, fitted, model_dir, caps
     assert code == 1 and 'above --max_pixels 1000' in error_lines(err)[0]
 
 
-@pytest.mark.parametrize('what', ['wrong-size precision', 'another method named', 'extra member'])
+@pytest.mark.parametrize('what', ['wrong-size precision', 'another method named', 'extra member', 'NaN threshold',
+                                  'bit depth 13'])
 def test_tampered_feature_file_is_one_line(tmp_path, fitted, model_dir, capsys, what):
     arrays = hostile.members(open(fitted, 'rb').read())
     extra = []
@@ -101,6 +102,10 @@ def test_tampered_feature_file_is_one_line(tmp_path, fitted, model_dir, capsys, 
         arrays[key] = np.eye(3, dtype=np.float32)
     elif what == 'another method named':
         arrays = hostile.with_meta(arrays, method='spade')
+    elif what == 'NaN threshold':
+        arrays = hostile.with_meta(arrays, thresholds={'image': float('nan'), 'pixel': 1.0, 'source': 'x'})
+    elif what == 'bit depth 13':
+        arrays = hostile.with_meta(arrays, bit_depth=13)
     else:
         extra = [('junk.npy', b'\x00' * (1 << 20), 8)]
     feat = tmp_path / 'tampered.pkl'
@@ -191,3 +196,35 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_partial_output(tmp_path, smal
     assert lines[-1] == 'mahalanobisad.py: interrupted' and err.count('interrupted') == 1, err
     leftovers = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files]
     assert leftovers == [], leftovers  # no feature file, no figure, no JSON, no temporary file
+
+
+def twelve_bit_copy(source, target):
+    image = cv2.imread(source, cv2.IMREAD_UNCHANGED)
+    assert cv2.imwrite(target, np.round(image.astype(np.float64) * 4095 / 255).astype(np.uint16))
+
+
+def test_twelve_bit_camera_scores_like_eight_bit(tmp_path, fitted, small_train, model_dir, capsys):
+    """Training and test images from a 12-bit camera (0..4095 in 16-bit PNGs): the bit depth is learnt,
+    kept in the feature file, and the scores match those of the same pictures in 8 bits."""
+    train12, test8, test12 = tmp_path / 'train12', tmp_path / 'test8', tmp_path / 'test12'
+    for folder in (train12, test8, test12):
+        folder.mkdir()
+    for name in sorted(os.listdir(small_train)):
+        twelve_bit_copy(os.path.join(small_train, name), str(train12 / name))
+    for name in ('good_000.png', 'broken_large_000.png'):
+        shutil.copy(os.path.join(REPO, 'images', name), test8 / name)
+        twelve_bit_copy(os.path.join(REPO, 'images', name), str(test12 / name))
+    bright = (cv2.imread(GOOD).astype(np.uint16) * 64)  # up to 16320: beyond 12 bits
+    assert cv2.imwrite(str(test12 / 'z_bright.png'), bright)
+    feat12 = str(tmp_path / 'f12.pkl')
+    code, err = cli(['-tr', str(train12), '-f', feat12, '-i', str(test12), '--no_figures', '-th', '1e9',
+                     '--json', str(tmp_path / 'r12.json')], model_dir, capsys)
+    assert code == 0, err
+    assert json.loads(str(np.load(feat12)['meta']))['bit_depth'] == 12
+    assert 'z_bright.png has values up to 16320, above the 12-bit range (0..4095)' in err
+    code, err = cli(['-f', fitted, '-i', str(test8), '--no_figures', '-th', '1e9', '--json', str(tmp_path / 'r8.json')],
+                    model_dir, capsys)
+    assert code == 0, err
+    eight = [i['score'] for i in json.loads((tmp_path / 'r8.json').read_text())['images']]
+    twelve = [i['score'] for i in json.loads((tmp_path / 'r12.json').read_text())['images']][:2]
+    np.testing.assert_allclose(twelve, eight, rtol=0.01)
