@@ -3,8 +3,8 @@ a JSON summary. A Python exception other than the tool's own is printed with its
 makes the exit code 1; a crash shows as a signal in the parent.
 
     python3 -m tests.fuzz_child FOLDER MAX_PIXELS
-FOLDER/images/*: decoded as image, view and mask; FOLDER/features/*: loaded as feature files and,
-when they load, used to score.
+FOLDER/images/*: decoded as image, view and mask; FOLDER/features/*: loaded as feature files (arrays, then
+the Detector's metadata) and, when they load, used to score.
 """
 import json
 import os
@@ -14,6 +14,7 @@ import traceback
 import numpy as np
 
 import anomaly_model
+import detector
 import image_utils
 from tests import hostile
 
@@ -41,7 +42,8 @@ def main(folder, max_pixels):
             traceback.print_exc()
 
     def score(path):
-        _, method = anomaly_model.load_feature_file(path)
+        meta, method = anomaly_model.load_feature_file(path)
+        detector._check_meta(path, meta)
         scores, _ = method.score(method.features(maps), hostile.INPUT_SIZE)
         if not np.isfinite(scores).all():
             raise AssertionError('a loaded feature file gave scores that are not finite')

@@ -140,7 +140,9 @@ def fitted(name, seed=0):
     method.configure(SHAPES, INPUT_SIZE)
     maps = [rng.standard_normal((8,) + shape).astype(np.float32) for shape in SHAPES]
     method.fit(method.features(maps))
-    return {'backbone': 'synthetic', 'n_train_images': 8, 'holdout_thresholds': {'image': 1.0, 'pixel': 1.0}}, method
+    return {'backbone': 'synthetic', 'n_train_images': 8, 'bit_depth': 8, 'holdout_scores': [0.5, 1.0],
+            'holdout_thresholds': {'image': 1.0, 'pixel': 1.0},
+            'thresholds': {'image': 1.5, 'pixel': 2.0, 'source': 'test'}}, method
 
 
 def feature_file_bytes(meta, method):
@@ -184,7 +186,7 @@ def mutate_feature_file(data, rng):
     arrays = members(data)
     meta = json.loads(str(arrays['meta']))
     state = [k for k in arrays if k != 'meta']
-    kind = rng.integers(12)
+    kind = rng.integers(13)
     key = state[rng.integers(len(state))]
     if kind <= 2:
         return mutate(data, rng)
@@ -213,4 +215,9 @@ def mutate_feature_file(data, rng):
     if kind == 10:  # metadata that is not what the tool writes
         text = [json.dumps([1, 2]), '{"format": ', '[' * 100000, json.dumps(dict(meta, version='3'))][rng.integers(4)]
         return archive_bytes(dict(arrays, meta=np.array(text)))
-    return archive_bytes(dict(arrays, **{key: np.array([str(key)])}))  # text where numbers belong
+    if kind == 11:
+        return archive_bytes(dict(arrays, **{key: np.array([str(key)])}))  # text where numbers belong
+    field = ['bit_depth', 'n_train_images', 'holdout_thresholds', 'thresholds', 'holdout_scores'][rng.integers(5)]
+    value = [None, 13, -1, 'x', [], {}, {'image': float('nan')}, {'image': 1.0, 'pixel': 'x', 'source': 2},
+             [float('inf')], 1e308 * 10][rng.integers(10)]
+    return archive_bytes(with_meta(arrays, **{field: value if value is not None else 'null'}))
