@@ -29,6 +29,9 @@ AUG_MAX_ROTATION_DEG = 10.0
 # Larger images are refused from their header, before decoding (--max_pixels): 8192 x 8192.
 DEFAULT_MAX_PIXELS = 8192 * 8192
 OPENCV_MAX_PIXELS = 1 << 30  # OpenCV refuses larger images itself (OPENCV_IO_MAX_IMAGE_PIXELS)
+# The view resizes the shorter side to ~256 px: a 60000 x 1 strip would become 15360000 x 256 (11 GB).
+# Longer sides than this many times the shorter are refused, so the resized image stays <= 64 MP.
+MAX_ASPECT_RATIO = 1024
 # Decoded samples may take at most max_pixels x this many bytes: 16-bit RGB at the pixel limit
 # (alpha is dropped while decoding); so float TIFFs are held to a smaller size.
 BYTES_PER_PIXEL_LIMIT = 6
@@ -288,6 +291,9 @@ def _check_header(path, fd, max_pixels, keep_alpha):
     except ValueError as e:
         raise ImageError(f'cannot decode {display_path(path)}: {e}') from None
     pixels = header.width * header.height
+    if max(header.width, header.height) > MAX_ASPECT_RATIO * min(header.width, header.height):
+        raise ImageError(f'refusing {display_path(path)}: {header.width}x{header.height} is longer than '
+                         f'{MAX_ASPECT_RATIO} times its width (the network view would not fit in memory)')
     if pixels > max_pixels:
         raise ImageError(f'refusing {display_path(path)}: {header.width}x{header.height} is {pixels} pixels, '
                          f'above --max_pixels {max_pixels}')
@@ -510,8 +516,11 @@ def find_mask(image_path, test_dir, gt_dir):
 
 
 def resize_short_side(image, size, interpolation=None):
-    """Resize so that the shorter side is `size` pixels, keeping the aspect ratio."""
+    """Resize so that the shorter side is `size` pixels, keeping the aspect ratio (at most
+    MAX_ASPECT_RATIO: ImageError beyond)."""
     h, w = image.shape[:2]
+    if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
+        raise ImageError(f'a {w}x{h} image is longer than {MAX_ASPECT_RATIO} times its width')
     scale = size / min(h, w)
     new_w, new_h = max(size, int(round(w * scale))), max(size, int(round(h * scale)))
     if (new_h, new_w) == (h, w):

@@ -69,6 +69,16 @@ def test_header_reader_reports_size_depth_and_channels():
             image_utils.parse_header(data)
 
 
+def test_extreme_aspect_ratios_are_refused_before_an_enormous_resize(tmp_path):
+    path = write(tmp_path / 'strip.png', hostile.png_bytes(60000, 1, 8, 2))  # would resize to 15360000x256
+    with pytest.raises(ImageError, match='60000x1 is longer than 1024 times its width'):
+        image_utils.load_view(path, 256, 224)
+    with pytest.raises(ImageError, match='a 1x2000 image is longer than 1024 times its width'):
+        image_utils.network_view(np.zeros((2000, 1, 3), np.uint8), 256, 224)
+    line = write(tmp_path / 'line.png', hostile.encode('.png', np.zeros((2, 2000, 3), np.uint8)))  # 1000:1 is fine
+    assert image_utils.load_view(line, 256, 224)[0].shape == (224, 224, 3)
+
+
 def test_a_file_too_large_for_any_image_within_the_limit_is_not_read(tmp_path):
     path = tmp_path / 'big.png'
     with open(path, 'wb') as f:
