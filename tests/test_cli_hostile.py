@@ -93,7 +93,7 @@ def test_lowered_pixel_limit_applies_to_inputs(tmp_path, fitted, model_dir, caps
 
 
 @pytest.mark.parametrize('what', ['wrong-size precision', 'another method named', 'extra member', 'NaN threshold',
-                                  'bit depth 13'])
+                                  'bit depth 13', 'consistent but foreign shapes'])
 def test_tampered_feature_file_is_one_line(tmp_path, fitted, model_dir, capsys, what):
     arrays = hostile.members(open(fitted, 'rb').read())
     extra = []
@@ -106,6 +106,12 @@ def test_tampered_feature_file_is_one_line(tmp_path, fitted, model_dir, capsys, 
         arrays = hostile.with_meta(arrays, thresholds={'image': float('nan'), 'pixel': 1.0, 'source': 'x'})
     elif what == 'bit depth 13':
         arrays = hostile.with_meta(arrays, bit_depth=13)
+    elif what == 'consistent but foreign shapes':  # arrays and params agree, the backbone does not
+        params = json.loads(str(arrays['meta']))['method_params']
+        channels = params['feature_shapes'][0][0] + 1
+        params['feature_shapes'][0][0] = channels
+        arrays = dict(hostile.with_meta(arrays, method_params=params), image_mean_0=np.zeros(channels, np.float32),
+                      image_precision_0=np.eye(channels, dtype=np.float32))
     else:
         extra = [('junk.npy', b'\x00' * (1 << 20), 8)]
     feat = tmp_path / 'tampered.pkl'
