@@ -147,7 +147,7 @@ class Detector:
         self.seed, self.batch_size, self.aug_num = int(seed), int(batch_size), int(aug_num)
         self.padim_dims, self.spade_k, self.coreset_ratio = int(padim_dims), int(spade_k), float(coreset_ratio)
         self.max_pixels = int(max_pixels)
-        self.method_ = self.meta_ = self.calibration_ = self.bit_depth_ = None
+        self.method_ = self.meta_ = self.calibration_ = self.bit_depth_ = self.loaded_from_ = None
         self.threshold_ = self.pixel_threshold_ = self.threshold_source_ = None
 
     # ------------------------------------------------------------------------------------------
@@ -339,8 +339,8 @@ class Detector:
         shapes = [list(m.shape[1:]) for m in feature_maps]
         fitted = self.method_.params.get('feature_shapes')
         if shapes != fitted:
-            raise FeatureFileError(f'damaged feature file: fitted on feature maps of shapes {fitted}, '
-                                   f'this backbone gives {shapes}')
+            raise FeatureFileError(f'{self.loaded_from_}: damaged feature file: fitted on feature maps of shapes '
+                                   f'{fitted}, this backbone gives {shapes}')
 
     def decision_function(self, images):
         """Image anomaly scores -> (N,) float64, larger = more anomalous (PyOD's convention).
@@ -462,6 +462,7 @@ class Detector:
         check_settings(path, meta, detector.settings(), FEATURE_SETTINGS,
                        'cannot be used with this backbone and method', 'pass --feat with a new file name to fit one')
         detector.method_, detector.meta_, detector.bit_depth_ = fitted, meta, meta['bit_depth']
+        detector.loaded_from_ = path
         stored = meta.get('thresholds')
         if stored and stored.get('image') is not None:
             detector.threshold_, detector.threshold_source_ = stored['image'], stored['source']
