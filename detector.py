@@ -125,7 +125,8 @@ class Detector:
     pixel counts as defective; None without maps), threshold_source_ (where the threshold came from),
     calibration_ (F1 figures of the last calibrate, or None), bit_depth_ (significant bits of
     16-bit image files, learnt from the training images: 8 when they were all 8-bit; see
-    image_utils.load_view for the policy every later image follows).
+    image_utils.load_view for the policy every later image follows), loaded_from_ (the feature file
+    `load` read, or None).
 
     images, everywhere: an iterable of file paths and/or RGB uint8 arrays (H, W, 3) of any size,
     streamed through a bounded thread pool (memory flat in the number of images, decoding overlapped
