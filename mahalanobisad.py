@@ -78,6 +78,13 @@ def output_path(text):
     return text
 
 
+def output_dir(text):
+    """A folder the tool will write into: not an existing file, its name within the file system's limit."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f'{text} is a file, a folder is needed')
+    return output_path(text)
+
+
 def existing_dir(text):
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f'no such directory: {text}')
@@ -116,7 +123,7 @@ def add_model_arguments(p):
                    help='seed of augmentation, channel subsets, coresets and folds')
     p.add_argument('--max_pixels', type=pixel_count, default=image_utils.DEFAULT_MAX_PIXELS,
                    help='larger images (width x height, read from the file header) are refused before decoding')
-    p.add_argument('--model_dir', type=output_path, default='models', help='cache of ONNX backbones')
+    p.add_argument('--model_dir', type=output_dir, default='models', help='cache of ONNX backbones')
     p.add_argument('--model_url', default=None,
                    help=f'base URL of b0..b7 downloads (default ${model_utils.MODEL_URL_ENV}, '
                         f'else {model_utils.DEFAULT_MODEL_URL})')
