@@ -66,14 +66,14 @@ def list_images(paths):
                 dirs.sort()
                 in_dir += [os.path.join(root, f) for f in sorted(files) if is_image_file(f)]
             if not in_dir:
-                raise ImageError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found in directory {path}')
+                raise ImageError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found in directory {display_path(path)}')
             found += in_dir
         elif os.path.isfile(path):
             if not is_image_file(path):
-                raise ImageError(f'not an image file (expected {", ".join(IMAGE_EXTENSIONS)}): {path}')
+                raise ImageError(f'not an image file (expected {", ".join(IMAGE_EXTENSIONS)}): {display_path(path)}')
             found.append(path)
         else:
-            raise ImageError(f'no such file or directory: {path}')
+            raise ImageError(f'no such file or directory: {display_path(path)}')
     return found
 
 

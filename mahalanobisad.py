@@ -295,7 +295,7 @@ def main(argv=None):
     logger.info('%d of %d images anomalous', sum(r['anomaly'] for r in results), len(results))
     if args.json:
         report = {'model': detector.spec.name, 'threshold': detector.threshold_,
-                  'threshold_source': detector.threshold_source_, 'pixel_threshold': detector.pixel_threshold_,
+                  'threshold_source': image_utils.display_path(detector.threshold_source_), 'pixel_threshold': detector.pixel_threshold_,
                   'images': results}
         model_utils.atomic_write_bytes(args.json, json.dumps(report, indent=1).encode())
         logger.info('wrote %s', args.json)
