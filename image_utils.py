@@ -3,7 +3,8 @@
 An image becomes a network input here: `load_image` decodes any supported file to RGB uint8
 (H, W, 3); `resize_short_side` + `center_crop` give the network's square view; `to_tensor`
 normalises it to (3, S, S) float32. Masks get the same geometry, so a pixel of a map and of a
-mask always refer to the same place.
+mask always refer to the same place. Every file is checked from its header (format, size, memory
+it would take) before any pixel is decoded: see `_checked`.
 """
 import collections
 import concurrent.futures
@@ -11,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
+import stat
 import struct
 import threading
 
@@ -247,8 +249,9 @@ def _checked(path, max_pixels, keep_alpha=False):
     Limits: width x height <= max_pixels; the decoded samples (alpha dropped unless `keep_alpha`)
     within max_pixels x BYTES_PER_PIXEL_LIMIT bytes; the file no larger than such an image can be.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_BINARY', 0))
+    try:  # O_NONBLOCK: a named pipe called x.png must not hang the run (no effect on regular files)
+        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_BINARY', 0)
+                     | getattr(os, 'O_NONBLOCK', 0))
     except OSError as e:
         raise ImageError(f'cannot read {display_path(path)}: {e.strerror or e}') from None
     try:
@@ -274,7 +277,10 @@ def _read_start(fd, count):
 def _check_header(path, fd, max_pixels, keep_alpha):
     """-> (header, bytes the decoded image takes), or ImageError if a limit is exceeded."""
     try:
-        size = os.fstat(fd).st_size
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise ImageError(f'cannot read {display_path(path)}: not a regular file')
+        size = status.st_size
         if size > max_pixels * MAX_FILE_BYTES_PER_PIXEL + MAX_FILE_OVERHEAD:
             raise ImageError(f'refusing {display_path(path)}: {size / 2**20:.0f} MiB is more than an image of '
                              f'--max_pixels {max_pixels} can need')

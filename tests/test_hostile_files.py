@@ -79,6 +79,15 @@ def test_extreme_aspect_ratios_are_refused_before_an_enormous_resize(tmp_path):
     assert image_utils.load_view(line, 256, 224)[0].shape == (224, 224, 3)
 
 
+def test_pipes_devices_and_folders_named_like_images_are_refused_without_hanging(tmp_path):
+    os.mkfifo(tmp_path / 'pipe.png')
+    os.symlink('/dev/zero', tmp_path / 'zero.png')
+    (tmp_path / 'folder.png').mkdir()
+    for name in ('pipe.png', 'zero.png', 'folder.png'):
+        with pytest.raises(ImageError, match='not a regular file'):
+            image_utils.load_view(str(tmp_path / name), 16, 16)
+
+
 def test_a_file_too_large_for_any_image_within_the_limit_is_not_read(tmp_path):
     path = tmp_path / 'big.png'
     with open(path, 'wb') as f:
