@@ -292,6 +292,8 @@ def _check_header(path, fd, max_pixels, keep_alpha):
                 raise
             header = parse_header(_read_start(fd, size))
         sample_bytes = _sample_bytes(header)
+        if header.format == 'PNG':
+            _check_png_chunks(fd, size)
     except OSError as e:
         raise ImageError(f'cannot read {display_path(path)}: {e.strerror or e}') from None
     except ValueError as e:
@@ -309,6 +311,24 @@ def _check_header(path, fd, max_pixels, keep_alpha):
                          f'channels of {header.bits} bits needs {nbytes / 2**20:.0f} MiB to decode, more than '
                          f'--max_pixels {max_pixels} allows')
     return header, nbytes
+
+
+def _check_png_chunks(fd, size):
+    """ValueError if a PNG chunk declares more bytes than the file holds: OpenCV's PNG reader
+    allocates (and zero-fills) a chunk's declared length before reading it, so a 3 KB file with a
+    length field of 4 GB took 4 GB. Reads the 8-byte chunk headers only."""
+    position = 8
+    while position + 12 <= size:
+        os.lseek(fd, position, os.SEEK_SET)
+        head = os.read(fd, 8)
+        if len(head) < 8:
+            break
+        length, kind = struct.unpack('>I4s', head)
+        if length > size - position - 12:
+            raise ValueError(f'PNG chunk {kind!r} declares {length} bytes, the file holds {size - position - 12} more')
+        if kind == b'IEND':
+            break
+        position += 12 + length
 
 
 def _decode(path, fd, header, keep_alpha=False):

@@ -4,6 +4,7 @@ line's side of each class is in test_cli_hostile.py."""
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -79,6 +80,19 @@ def test_extreme_aspect_ratios_are_refused_before_an_enormous_resize(tmp_path):
     assert image_utils.load_view(line, 256, 224)[0].shape == (224, 224, 3)
 
 
+def test_png_chunk_longer_than_its_file_is_refused_before_opencv_allocates_it(tmp_path):
+    """Found by the fuzz test: a 3 KB PNG whose IDAT length field reads 4 GB made OpenCV's reader
+    allocate 4 GB before failing."""
+    data = bytearray(hostile.encode('.png', np.zeros((48, 64), np.uint8)))
+    at = data.index(b'IDAT') - 4
+    data[at:at + 4] = struct.pack('>I', 0xFFFF0C3B)
+    path = write(tmp_path / 'chunk.png', bytes(data))
+    for load in (image_utils.load_image, image_utils.load_mask):
+        with pytest.raises(ImageError, match=r"PNG chunk b'IDAT' declares 4294904891 bytes"):
+            load(path)
+    assert decode_peak_mb([path]) < 50
+
+
 def test_pipes_devices_and_folders_named_like_images_are_refused_without_hanging(tmp_path):
     os.mkfifo(tmp_path / 'pipe.png')
     os.symlink('/dev/zero', tmp_path / 'zero.png')
@@ -108,7 +122,10 @@ from tests.fuzz_child import peak_rss_mb
 paths = sys.argv[1:]
 before = peak_rss_mb()
 if len(paths) == 1:
-    image_utils.load_view(paths[0], 256, 224, max_pixels=10**8)
+    try:
+        image_utils.load_view(paths[0], 256, 224, max_pixels=10**8)
+    except image_utils.ImageError:
+        pass
 else:
     batches = list(image_utils.stream(paths, lambda p: image_utils.load_view(p, 256, 224, max_pixels=10**8)[1], 2, 2))
     assert all(not isinstance(r, Exception) for b in batches for _, r in b), batches
