@@ -50,7 +50,8 @@ def make_images(folder, pixels):
     deep = picture.astype(np.uint16) * 257
     files = {'rgb8.png': (picture, [cv2.IMWRITE_PNG_COMPRESSION, 1]),
              'rgb8.jpg': (picture, [cv2.IMWRITE_JPEG_QUALITY, 95]),
-             'rgba16.png': (np.dstack([deep, np.full((side, side), 65535, np.uint16)]), [cv2.IMWRITE_PNG_COMPRESSION, 1]),
+             'rgba16.png': (np.dstack([deep, np.full((side, side), 65535, np.uint16)]),
+                            [cv2.IMWRITE_PNG_COMPRESSION, 1]),
              'rgb16.tif': (deep, [])}
     paths = {}
     for name, (array, params) in files.items():
