@@ -217,9 +217,10 @@ def twelve_bit_copy(source, target):
     assert cv2.imwrite(target, np.round(image.astype(np.float64) * 4095 / 255).astype(np.uint16))
 
 
-def test_twelve_bit_camera_scores_like_eight_bit(tmp_path, small_train, model_dir, capsys):
+def test_twelve_bit_camera_scores_like_eight_bit(tmp_path, small_train, model_dir, capsys, caplog):
     """Training and test images from a 12-bit camera (0..4095 in 16-bit PNGs): the bit depth is learnt,
     kept in the feature file, and the scores equal those of the same pictures in 8 bits."""
+    caplog.set_level('INFO')
     train12, test = tmp_path / 'train12', tmp_path / 'test'
     train12.mkdir(), test.mkdir()
     for name in sorted(os.listdir(small_train))[:6]:
@@ -234,8 +235,8 @@ def test_twelve_bit_camera_scores_like_eight_bit(tmp_path, small_train, model_di
                      '--json', str(report)], model_dir, capsys)
     assert code == 0, err
     assert json.loads(str(np.load(feat12)['meta']))['bit_depth'] == 12
-    assert 'training images hold 12-bit data in 16-bit files' in err
-    assert 'c_bright.png has values up to 16320, above the 12-bit range (0..4095)' in err
+    assert 'training images hold 12-bit data in 16-bit files' in caplog.text
+    assert 'c_bright.png has values up to 16320, above the 12-bit range (0..4095)' in caplog.text
     scores = {os.path.basename(i['path']): i['score'] for i in json.loads(report.read_text())['images']}
     for name in ('good_000.png', 'broken_large_000.png'):
         assert scores['b12_' + name] == pytest.approx(scores['a8_' + name], rel=1e-3), name
