@@ -31,7 +31,7 @@ from sklearn.metrics import precision_recall_curve
 from model_utils import atomic_write_bytes
 
 FEATURE_FILE_FORMAT = 'mahalanobisad-features'
-FEATURE_FILE_VERSION = 2
+FEATURE_FILE_VERSION = 3  # 3: method_params hold the feature shapes the arrays follow from
 PIXEL_MAP_SIGMA = 4.0  # Gaussian smoothing of the upsampled map, pixels (as in PaDiM and PatchCore)
 CORESET_CHUNK_PATCHES = 25088  # PatchCore's greedy coreset runs per chunk of this many patches (32 lite0 images)
 IVF_PROBES = 8  # inverted lists searched per query by PatchCore's index
@@ -348,14 +348,59 @@ class AnomalyMethod:
     def __init__(self, **params):
         self.params = params
 
+    def configure(self, shapes, input_size):
+        """Subclasses choose their levels after this; the feature maps' shapes are kept so that the
+        fitted state's shapes follow from `params` alone (see `expected_state`)."""
+        self.params['feature_shapes'] = [[int(n) for n in shape] for shape in shapes]
+
+    def expected_state(self):
+        """{name: (shape, dtype)} of every array `state()` returns, from `params` alone: a shape
+        entry is an int, or a letter for a size the params do not fix (equal letters, equal sizes;
+        a letter ending in '*' may be 0).
+        Raises ValueError when the params themselves are not what `configure` writes. The feature
+        file checks a file against this before reading any array."""
+        raise NotImplementedError
+
     def holdout_model(self, features, kept):
+        """A model fitted without the rows not `kept` (the hold-out); PatchCore carves it out of its fit."""
         return type(self)(**self.params).fit(select_features(features, kept))
+
+    def _channels(self, levels):
+        """Channels of the feature maps at `levels` (validated), summed."""
+        shapes = self.params.get('feature_shapes')
+        if not (isinstance(shapes, list) and 0 < len(shapes) <= 64
+                and all(isinstance(s, list) and len(s) == 3 and all(_is_int(n) and 0 < n <= 1 << 16 for n in s)
+                        for s in shapes)):
+            raise ValueError(f'feature_shapes {shapes!r} are not (C, h, w) shapes')
+        if not (isinstance(levels, list) and len(set(map(repr, levels))) == len(levels)
+                and all(_is_int(level) and 0 <= level < len(shapes) for level in levels)):
+            raise ValueError(f'levels {levels!r} are not distinct indices of the {len(shapes)} feature maps')
+        return sum(shapes[level][0] for level in levels)
+
+    def _param(self, key, check, what):
+        value = self.params.get(key)
+        if not check(value):
+            raise ValueError(f'{key}={value!r} is not {what}')
+        return value
+
+    def _grid(self):
+        return self._param('grid', lambda g: _is_int(g) and 0 < g <= 1024, 'a grid side in 1..1024')
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _gaussian_state(positions, dims):
+    """Declared state of a PixelGaussian over `positions` patches of `dims` channels."""
+    return {'pixel_mean': ((positions, dims), 'float32'), 'pixel_precision': ((positions, dims, dims), 'float32')}
 
 
 class MahalanobisMethod(AnomalyMethod):
     name = 'mahalanobis'
 
     def configure(self, shapes, input_size):
+        super().configure(shapes, input_size)
         pixel_levels, grid = patch_grid(shapes, input_size)
         self.params.update(image_levels=list(range(len(shapes))), pixel_levels=pixel_levels, grid=grid)
 
@@ -392,6 +437,19 @@ class MahalanobisMethod(AnomalyMethod):
             arrays['pixel_mean'], arrays['pixel_precision'] = self.pixel_model.mean_, self.pixel_model.precision_
         return arrays
 
+    def expected_state(self):
+        levels = self.params.get('image_levels')
+        self._channels(levels)
+        shapes = self.params['feature_shapes']
+        state = {}
+        for level in levels:
+            channels = shapes[level][0]
+            state[f'image_mean_{level}'] = ((channels,), 'float32')
+            state[f'image_precision_{level}'] = ((channels, channels), 'float32')
+        if self.params.get('pixel_levels'):
+            state.update(_gaussian_state(self._grid() ** 2, self._channels(self.params['pixel_levels'])))
+        return state
+
     def load_state(self, arrays):
         levels = self.params['image_levels']
         self.image_model = MahalanobisAD([arrays[f'image_mean_{l}'] for l in levels],
@@ -418,6 +476,7 @@ class PadimMethod(AnomalyMethod):
     localizes = True
 
     def configure(self, shapes, input_size):
+        super().configure(shapes, input_size)
         levels, grid = patch_grid(shapes, input_size, required_by=self.name)
         total = sum(shapes[l][0] for l in levels)
         rng = np.random.default_rng(self.params['seed'])
@@ -440,6 +499,13 @@ class PadimMethod(AnomalyMethod):
     def state(self):
         return {'pixel_mean': self.model.mean_, 'pixel_precision': self.model.precision_}
 
+    def expected_state(self):
+        total = self._channels(self.params.get('levels'))
+        channels = self._param('channels', lambda c: isinstance(c, list) and c and all(_is_int(i) for i in c)
+                               and c == sorted(set(c)) and 0 <= c[0] and c[-1] < total,
+                               f'a sorted subset of the {total} channels')
+        return _gaussian_state(self._grid() ** 2, len(channels))
+
     def load_state(self, arrays):
         self.model = PixelGaussian(mean=arrays['pixel_mean'], precision=arrays['pixel_precision'])
         return self
@@ -451,6 +517,7 @@ class SpadeMethod(AnomalyMethod):
     localizes = True
 
     def configure(self, shapes, input_size):
+        super().configure(shapes, input_size)
         levels, grid = patch_grid(shapes, input_size, required_by=self.name)
         self.params.update(image_level=len(shapes) - 1, levels=levels, grid=grid)
 
@@ -477,6 +544,12 @@ class SpadeMethod(AnomalyMethod):
     def state(self):
         return {'train_pooled': self.train_pooled, 'train_patches': self.train_patches}
 
+    def expected_state(self):
+        self._param('k', lambda k: _is_int(k) and k > 0, 'a positive integer')
+        pooled = self._channels([self.params.get('image_level')])
+        return {'train_pooled': (('N', pooled), 'float32'),
+                'train_patches': (('N', self._grid() ** 2, self._channels(self.params.get('levels'))), 'float32')}
+
     def load_state(self, arrays):
         self.train_pooled, self.train_patches = arrays['train_pooled'], arrays['train_patches']
         return self
@@ -496,6 +569,7 @@ class PatchCoreMethod(AnomalyMethod):
     fit_folds = bank_rows = None  # set by fit, not stored: they serve the hold-out only
 
     def configure(self, shapes, input_size):
+        super().configure(shapes, input_size)
         map_sizes = [shape[-1] for shape in shapes]
         strides = [input_size / size for size in map_sizes]
         stride8 = [i for i, s in enumerate(strides) if 6 <= s < 12]
@@ -554,6 +628,12 @@ class PatchCoreMethod(AnomalyMethod):
 
     def state(self):
         return {'memory_bank': self.bank, 'bank_centroids': self.centroids}
+
+    def expected_state(self):
+        self._param('neighbours', lambda k: _is_int(k) and k > 0, 'a positive integer')
+        self._grid()
+        channels = self._channels(self.params.get('levels'))
+        return {'memory_bank': (('M', channels), 'float32'), 'bank_centroids': (('L*', channels), 'float32')}
 
     def load_state(self, arrays):
         bank, centroids = arrays['memory_bank'], arrays['bank_centroids']
@@ -732,10 +812,20 @@ def save_feature_file(path, meta, method):
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_feature_file(path):
+# Largest feature file read, bytes of arrays once uncompressed (PatchCore banks of millions of patches fit).
+MAX_FEATURE_FILE_BYTES = 4 << 30
+MAX_META_CHARS = 1 << 20
+
+
+def load_feature_file(path, max_bytes=MAX_FEATURE_FILE_BYTES):
     """Read a feature file -> (meta dict, fitted AnomalyMethod).
 
-    Uses np.load(allow_pickle=False): a pickle (or anything else) is refused, never executed.
+    Everything is checked before any array is read: the archive's members must be exactly the
+    metadata and the arrays the method declares (`expected_state`), each with the declared shape
+    and dtype as its .npy header states them, its stored size equal to what that header implies
+    and all of them within `max_bytes`. Arrays are then read with allow_pickle=False (a pickle, or
+    anything else, is refused, never executed) and must be finite. Any fault is one FeatureFileError
+    "<path>: damaged feature file: <what>".
     """
     if not os.path.isfile(path):
         raise FeatureFileError(f'feature file not found: {path}')
@@ -743,19 +833,144 @@ def load_feature_file(path):
         raise FeatureFileError(f'{path} is not a feature file of this tool (pickles are never loaded: '
                                'they can execute code); delete it or pass another --feat to refit')
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            meta = json.loads(str(archive['meta']))
+        with zipfile.ZipFile(path) as archive:
+            meta = _read_meta(archive)
             if meta.get('format') != FEATURE_FILE_FORMAT:
                 raise FeatureFileError(f'{path} is not a feature file of this tool')
             if meta.get('version') != FEATURE_FILE_VERSION:
                 raise FeatureFileError(f'{path} has feature file version {meta.get("version")}, '
                                        f'this tool reads version {FEATURE_FILE_VERSION}; refit it')
-            if meta.get('method') not in METHODS:
-                raise FeatureFileError(f'{path} was fitted with an unknown method {meta.get("method")!r}')
-            method = METHODS[meta['method']](**meta['method_params'])
-            method.load_state({key: archive[key] for key in archive.files if key != 'meta'})
+            method = _method_of(meta)
+            arrays = _read_state(archive, method, max_bytes)
+            method.load_state(arrays)
     except FeatureFileError:
         raise
-    except (ValueError, KeyError, OSError, zipfile.BadZipFile, json.JSONDecodeError, TypeError) as e:
-        raise FeatureFileError(f'{path} is damaged or not a feature file of this tool: {e}') from None
+    except _DamagedFile as e:
+        raise FeatureFileError(f'{path}: damaged feature file: {e}') from None
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, RecursionError,
+            NotImplementedError, TypeError, MemoryError) as e:
+        what = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise FeatureFileError(f'{path}: damaged feature file: {what}') from None
     return meta, method
+
+
+class _DamagedFile(ValueError):
+    pass
+
+
+def _read_meta(archive):
+    names = archive.namelist()
+    if len(names) != len(set(names)):
+        raise _DamagedFile('duplicate archive members')
+    if 'meta.npy' not in names:
+        raise _DamagedFile('no meta member')
+    with _open_member(archive, 'meta.npy') as f:
+        shape, fortran, dtype = _npy_header(f, 'meta')
+        if shape != () or dtype.kind != 'U' or dtype.itemsize > 4 * MAX_META_CHARS:
+            raise _DamagedFile(f'meta is {dtype} {shape}, not a text of at most {MAX_META_CHARS} characters')
+        _check_stored_size(archive.getinfo('meta.npy'), f, dtype.itemsize, 'meta')
+        text = str(_read_data(f, shape, fortran, dtype))
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise _DamagedFile(f'meta is not JSON ({str(e)[:100]})') from None
+    if not isinstance(meta, dict):
+        raise _DamagedFile('meta is not a JSON object')
+    return meta
+
+
+def _method_of(meta):
+    """The method named by `meta`, built from its params (checked by `expected_state`)."""
+    if meta.get('method') not in METHODS:
+        raise FeatureFileError(f'feature file fitted with an unknown method {meta.get("method")!r}')
+    params = meta.get('method_params')
+    if not isinstance(params, dict):
+        raise _DamagedFile('method_params is not an object')
+    method = METHODS[meta['method']](**params)
+    try:
+        method.expected_state()
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise _DamagedFile(f'{method.name} parameters: {e}') from None
+    return method
+
+
+def _open_member(archive, name):
+    info = archive.getinfo(name)
+    if info.flag_bits & 0x1:
+        raise _DamagedFile(f'member {name} is encrypted')
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise _DamagedFile(f'member {name} uses compression type {info.compress_type}')
+    return archive.open(info)
+
+
+def _npy_header(f, name):
+    """(shape, fortran_order, dtype) from the .npy header at the start of the open member `f` (a few
+    hundred bytes read); an object dtype (pickles) is refused here."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        header = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        header = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise _DamagedFile(f'member {name} has .npy version {version}')
+    if header[2].hasobject:
+        raise _DamagedFile(f'member {name} holds Python objects (never loaded: they can execute code)')
+    return header
+
+
+def _read_data(f, shape, fortran, dtype):
+    """The array data following the header in `f`, exactly as many bytes as shape and dtype take."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    data = bytearray(nbytes)
+    view, filled = memoryview(data), 0
+    while filled < nbytes:
+        count = f.readinto(view[filled:])
+        if not count:
+            raise _DamagedFile('array data cut short')
+        filled += count
+    return np.frombuffer(data, dtype).reshape(shape, order='F' if fortran else 'C')
+
+
+def _check_stored_size(info, f, nbytes, name):
+    if info.file_size != f.tell() + nbytes:
+        raise _DamagedFile(f'member {name} stores {info.file_size} bytes, its header implies {f.tell() + nbytes}')
+
+
+def _read_state(archive, method, max_bytes):
+    """The arrays `method` declares (`expected_state`) from `archive`, after checking every member."""
+    expected = method.expected_state()
+    members = {name[:-len('.npy')] for name in archive.namelist() if name.endswith('.npy')} - {'meta'}
+    unexpected = sorted(set(archive.namelist()) - {f'{name}.npy' for name in expected} - {'meta.npy'})
+    missing = sorted(set(expected) - members)
+    if unexpected or missing:
+        raise _DamagedFile('; '.join(part for part in (
+            f'unexpected members {", ".join(unexpected)[:200]}' if unexpected else '',
+            f'missing arrays {", ".join(missing)[:200]}' if missing else '') if part) + f' for method {method.name}')
+    sizes, total = {}, 0
+    for name, (shape, dtype) in expected.items():
+        with _open_member(archive, f'{name}.npy') as f:
+            stored_shape, _, stored_dtype = _npy_header(f, name)
+            if stored_dtype.kind != np.dtype(dtype).kind or stored_dtype.itemsize != np.dtype(dtype).itemsize:
+                raise _DamagedFile(f'array {name} is {stored_dtype}, the method needs {dtype}')
+            if len(stored_shape) != len(shape) or not all(
+                    n >= 1 or (isinstance(w, str) and w.endswith('*')) for n, w in zip(stored_shape, shape)):
+                raise _DamagedFile(f'array {name} has shape {stored_shape}, the method needs {shape}')
+            for stored, wanted in zip(stored_shape, shape):
+                if isinstance(wanted, str):
+                    wanted = sizes.setdefault(wanted, stored)
+                if stored != wanted:
+                    raise _DamagedFile(f'array {name} has shape {stored_shape}, the method needs '
+                                       f'{tuple(sizes.get(n, n) for n in shape)}')
+            nbytes = int(np.prod(stored_shape, dtype=object)) * stored_dtype.itemsize
+            _check_stored_size(archive.getinfo(f'{name}.npy'), f, nbytes, name)
+            total += nbytes
+    if total > max_bytes:
+        raise _DamagedFile(f'arrays of {total / 2**20:.0f} MiB, above the limit of {max_bytes / 2**20:.0f} MiB')
+    arrays = {}
+    for name in expected:
+        with _open_member(archive, f'{name}.npy') as f:
+            array = _read_data(f, *_npy_header(f, name))
+        if not np.isfinite(array).all():
+            raise _DamagedFile(f'array {name} holds values that are not finite')
+        arrays[name] = array.astype(np.dtype(expected[name][1]).newbyteorder('='), copy=False)
+    return arrays

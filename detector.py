@@ -13,6 +13,7 @@ Where things happen: an image becomes a tensor in image_utils, a tensor feature 
 model_utils.FeatureExtractor, feature maps a score and a map in anomaly_model, a score a verdict
 here (the thresholds), and a verdict a figure in plot_utils.
 """
+import collections.abc
 import dataclasses
 import functools
 import logging
@@ -139,8 +140,9 @@ class Detector:
     backbone run), model_url (base URL of b0..b7 downloads), padim_dims, spade_k, coreset_ratio
     (method options, as the CLI flags), aug_num (augmented views per training image; 0 = none),
     contamination (None: trust every training image; 'auto' or a fraction in (0, 0.5): leave out the
-    training images that look defective, see `fit`). The backbone is opened on first use, so
-    constructing a Detector is cheap and offline.
+    training images that look defective, see `fit`), max_pixels (image files larger than this,
+    width x height, are refused from their header before decoding: see image_utils). The backbone is
+    opened on first use, so constructing a Detector is cheap and offline.
 
     Fitted attributes: method_ (the fitted anomaly_model.AnomalyMethod), meta_ (what produced it:
     backbone, settings, n_train_images, held-out thresholds and scores, excluded_train_images),
@@ -148,7 +150,9 @@ class Detector:
     (anomaly-map value from which a pixel counts as defective; None without maps), threshold_source_
     (where the threshold came from), target_fpr_ (the false-positive rate the hold-out threshold
     guarantees, or None for a threshold from elsewhere), calibration_ (F1 figures of the last
-    calibrate, or None).
+    calibrate, or None), bit_depth_ (significant bits of 16-bit image files, learnt from the training
+    images: 8 when they were all 8-bit; see image_utils.load_view for the policy every later image
+    follows), loaded_from_ (the feature file `load` read, or None).
 
     images, everywhere: an iterable of file paths and/or RGB uint8 arrays (H, W, 3) of any size,
     streamed through a bounded thread pool (memory flat in the number of images, decoding overlapped
@@ -157,11 +161,11 @@ class Detector:
 
     def __init__(self, model=model_utils.DEFAULT_MODEL, method='mahalanobis', model_dir='models', seed=0,
                  batch_size=16, model_url=None, padim_dims=200, spade_k=50, coreset_ratio=0.1, aug_num=0,
-                 contamination=None):
+                 contamination=None, max_pixels=image_utils.DEFAULT_MAX_PIXELS):
         if method not in anomaly_model.METHODS:
             raise UsageError(f'unknown method {method!r}: choose one of {", ".join(anomaly_model.METHODS)}')
         for name, value, lowest in (('seed', seed, 0), ('batch_size', batch_size, 1), ('padim_dims', padim_dims, 1),
-                                    ('spade_k', spade_k, 1), ('aug_num', aug_num, 0)):
+                                    ('spade_k', spade_k, 1), ('aug_num', aug_num, 0), ('max_pixels', max_pixels, 1)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lowest:
                 raise UsageError(f'{name} must be an integer >= {lowest}, got {value!r}')
         if not 0 < coreset_ratio <= 1:
@@ -170,7 +174,8 @@ class Detector:
         self.seed, self.batch_size, self.aug_num = int(seed), int(batch_size), int(aug_num)
         self.padim_dims, self.spade_k, self.coreset_ratio = int(padim_dims), int(spade_k), float(coreset_ratio)
         self.contamination = check_contamination(contamination)
-        self.method_ = self.meta_ = self.calibration_ = None
+        self.max_pixels = int(max_pixels)
+        self.method_ = self.meta_ = self.calibration_ = self.bit_depth_ = self.loaded_from_ = None
         self.threshold_ = self.pixel_threshold_ = self.threshold_source_ = self.target_fpr_ = None
 
     # ------------------------------------------------------------------------------------------
@@ -215,14 +220,16 @@ class Detector:
         if isinstance(image, np.ndarray):
             image = image_utils.check_rgb_array(image)
             return image_utils.network_view(image, spec.resize_size, spec.input_size), image.shape[:2]
-        return image_utils.load_view(os.fspath(image), spec.resize_size, spec.input_size)
+        return image_utils.load_view(os.fspath(image), spec.resize_size, spec.input_size, self.bit_depth_,
+                                     self.max_pixels)
 
     def _views_for_fit(self, index, image):
         """All views of one training image (decoded once): the plain one, then aug_num augmented ones."""
         spec = self.spec
         if not self.aug_num:
             return [self._view(image)[0]]
-        image = image_utils.check_rgb_array(image) if isinstance(image, np.ndarray) else image_utils.load_image(image)
+        image = (image_utils.check_rgb_array(image) if isinstance(image, np.ndarray)
+                 else image_utils.load_image(os.fspath(image), self.bit_depth_, self.max_pixels))
         views = [image_utils.network_view(image, spec.resize_size, spec.input_size)]
         for copy in range(1, 1 + self.aug_num):  # seeded per (image, copy): the same views whatever the thread order
             rng = np.random.default_rng([self.seed, index, copy])
@@ -233,7 +240,8 @@ class Detector:
         """A mask path or bool array of the image's size -> (S, S) bool in the network's geometry."""
         spec = self.spec
         try:
-            mask = (image_utils.load_mask(os.fspath(mask), image_shape) if not isinstance(mask, np.ndarray)
+            mask = (image_utils.load_mask(os.fspath(mask), image_shape, self.max_pixels)
+                    if not isinstance(mask, np.ndarray)
                     else image_utils.check_mask_array(mask, image_shape))
         except ImageError as e:  # broken ground truth would bias the thresholds: stop
             raise UsageError(f'ground truth unusable: {e}') from None
@@ -255,9 +263,18 @@ class Detector:
         them. With `contamination`, the images whose held-out scores are outliers are left out
         (anomaly_model.holdout_without_outliers: a few rounds of refit and rescore), logged and
         recorded in meta_['excluded_train_images']. source: what the images are (the CLI passes the
-        training directory), recorded in meta_.
+        training directory), recorded in meta_. The bit depth of 16-bit image files is learnt first
+        (bit_depth_), so `images` is read twice when it holds such files (an iterator is turned into a
+        list for that).
         """
         spec, extractor, method = self.spec, self.extractor, self._new_method()
+        if not isinstance(images, collections.abc.Sequence):
+            images = list(images)
+        self.bit_depth_ = image_utils.learn_bit_depth([i for i in images if not isinstance(i, np.ndarray)],
+                                                      self.max_pixels)
+        if self.bit_depth_ > 8:
+            logger.info('training images hold %d-bit data in 16-bit files: 0..%d is read as 0..255 for them and '
+                        'every later image', self.bit_depth_, (1 << self.bit_depth_) - 1)
         batches, groups, names = [], [], {}
         with tqdm(total=_length(images), desc='fit: features', unit='img') as progress, \
                 threadpool_limits(1, 'blas'):
@@ -269,7 +286,8 @@ class Detector:
                     if isinstance(loaded, ImageError):
                         logger.warning('skipping training image: %s', loaded)
                         continue
-                    names[index] = f'array #{index}' if isinstance(image, np.ndarray) else os.fspath(image)
+                    names[index] = (f'array #{index}' if isinstance(image, np.ndarray)
+                                    else image_utils.display_path(image))
                     views += loaded
                     groups += [index] * len(loaded)
                 for start in range(0, len(views), self.batch_size):
@@ -301,7 +319,7 @@ class Detector:
         pixel_maxima = None if pixel_maxima is None else pixel_maxima[plain]
         self.method_ = method
         self.meta_ = dict(self.settings(), model=self.model, train_dir=source,
-                          n_train_images=n_images - len(excluded),
+                          n_train_images=n_images - len(excluded), bit_depth=self.bit_depth_,
                           holdout_thresholds={'image': float(image_scores.max()),
                                               'pixel': None if pixel_maxima is None else float(pixel_maxima.max())},
                           holdout_scores=[float(s) for s in image_scores],
@@ -352,8 +370,9 @@ class Detector:
                 good = [(index, loaded) for (index, _), loaded in batch if not isinstance(loaded, ImageError)]
                 scored = {}
                 if good:
-                    views = [view for _, (view, _) in good]
-                    scores, maps = method.score(method.features(extractor(self._tensors(views))), spec.input_size)
+                    feature_maps = extractor(self._tensors([view for _, (view, _) in good]))
+                    self._check_feature_shapes(feature_maps)
+                    scores, maps = method.score(method.features(feature_maps), spec.input_size)
                     scored = {index: (float(score), view, None if maps is None else maps[i], gt_mask)
                               for i, ((index, (view, gt_mask)), score) in enumerate(zip(good, scores))}
                 for (index, (image, _)), loaded in batch:
@@ -364,6 +383,15 @@ class Detector:
                         continue
                     score, view, anomaly_map, gt_mask = scored[index]
                     yield Inspection(index, path, score, bool(score >= self.threshold_), view, anomaly_map, gt_mask)
+
+    def _check_feature_shapes(self, feature_maps):
+        """FeatureFileError unless the backbone's maps have the shapes the fitted state was built on
+        (a feature file can name this backbone and still hold another's shapes)."""
+        shapes = [list(m.shape[1:]) for m in feature_maps]
+        fitted = self.method_.params.get('feature_shapes')
+        if shapes != fitted:
+            raise FeatureFileError(f'{self.loaded_from_}: damaged feature file: fitted on feature maps of shapes '
+                                   f'{fitted}, this backbone gives {shapes}')
 
     def decision_function(self, images):
         """Image anomaly scores -> (N,) float64, larger = more anomalous (PyOD's convention).
@@ -487,13 +515,15 @@ class Detector:
         return self
 
     @classmethod
-    def load(cls, path, model=None, method=None, model_dir='models', model_url=None, batch_size=16):
+    def load(cls, path, model=None, method=None, model_dir='models', model_url=None, batch_size=16,
+             max_pixels=image_utils.DEFAULT_MAX_PIXELS):
         """A fitted Detector from a feature file, with the thresholds stored in it.
 
         model: the backbone to run (default: the one the file names); model / method given here must
         match what the file was fitted with (FeatureFileError saying what differs, otherwise).
         """
         meta, fitted = anomaly_model.load_feature_file(path)
+        _check_meta(path, meta)
         if model is None:
             model = meta.get('model') or next((key for key, spec in model_utils.MODEL_CATALOGUE.items()
                                                if spec.name == meta.get('backbone')), None)
@@ -503,10 +533,11 @@ class Detector:
         detector = cls(model, method or meta['method'], model_dir, meta.get('seed', 0), batch_size, model_url,
                        padim_dims=options.get('dims', 200), spade_k=options.get('k', 50),
                        coreset_ratio=options.get('coreset_ratio', 0.1), aug_num=meta.get('aug_num', 0),
-                       contamination=meta.get('contamination'))
+                       contamination=meta.get('contamination'), max_pixels=max_pixels)
         check_settings(path, meta, detector.settings(), FEATURE_SETTINGS,
                        'cannot be used with this backbone and method', 'pass --feat with a new file name to fit one')
-        detector.method_, detector.meta_ = fitted, meta
+        detector.method_, detector.meta_, detector.bit_depth_ = fitted, meta, meta['bit_depth']
+        detector.loaded_from_ = path
         stored = meta.get('thresholds')
         if stored and stored.get('image') is not None:
             detector.threshold_, detector.threshold_source_ = stored['image'], stored['source']
@@ -515,3 +546,44 @@ class Detector:
         else:
             detector.use_holdout_thresholds(log=False)
         return detector
+
+
+def _finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _check_meta(path, meta):
+    """FeatureFileError "<path>: damaged feature file: <what>" unless the Detector's own entries of a
+    feature file's metadata are what `fit` and `save` write (anomaly_model checked the arrays)."""
+    def damaged(what):
+        raise FeatureFileError(f'{path}: damaged feature file: {what}')
+    if meta.get('bit_depth') not in (8,) + image_utils.HIGH_BIT_DEPTHS:
+        damaged(f'bit_depth {meta.get("bit_depth")!r} is not one of 8, {", ".join(map(str, image_utils.HIGH_BIT_DEPTHS))}')
+    if not isinstance(meta.get('n_train_images'), int) or meta['n_train_images'] < 2:
+        damaged(f'n_train_images {meta.get("n_train_images")!r} is not a count of at least 2')
+    holdout = meta.get('holdout_thresholds')
+    if not (isinstance(holdout, dict) and _finite_number(holdout.get('image'))
+            and (holdout.get('pixel') is None or _finite_number(holdout['pixel']))):
+        damaged(f'holdout_thresholds {str(holdout)[:100]} are not finite numbers')
+    stored = meta.get('thresholds')
+    if stored is not None and not (isinstance(stored, dict) and isinstance(stored.get('source'), str)
+                                   and (stored.get('image') is None or _finite_number(stored['image']))
+                                   and (stored.get('pixel') is None or _finite_number(stored['pixel']))):
+        damaged(f'thresholds {str(stored)[:100]} are not finite numbers with a source')
+    scores = meta.get('holdout_scores', [])
+    if not (isinstance(scores, list) and all(_finite_number(s) for s in scores)):
+        damaged('holdout_scores are not a list of finite numbers')
+    if not isinstance(meta.get('method_options', {}), dict):
+        damaged('method_options is not an object')
+    maxima = meta.get('holdout_pixel_maxima')
+    if maxima is not None and not (isinstance(maxima, list) and all(_finite_number(s) for s in maxima)):
+        damaged('holdout_pixel_maxima are not a list of finite numbers')
+    excluded = meta.get('excluded_train_images', [])
+    if not (isinstance(excluded, list) and all(isinstance(name, str) for name in excluded)):
+        damaged('excluded_train_images is not a list of names')
+    try:
+        check_contamination(meta.get('contamination'))
+    except UsageError as e:
+        damaged(str(e))
+    if stored is not None and stored.get('target_fpr') is not None and not _finite_number(stored['target_fpr']):
+        damaged('thresholds.target_fpr is not a finite number')

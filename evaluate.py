@@ -262,10 +262,12 @@ def write_results(folder, rows):
 def parse_args(argv=None):
     p = mahalanobisad.OneLineArgumentParser(prog='evaluate.py', description=__doc__.split('\n\n')[0],
                                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--data_path', required=True, help='dataset root: one MVTec-layout folder per category')
+    p.add_argument('--data_path', type=mahalanobisad.existing_dir, required=True,
+                   help='dataset root: one MVTec-layout folder per category')
     p.add_argument('--category', action='append', default=None,
                    help='category to evaluate (repeatable); default every category found')
-    p.add_argument('--save_path', default='results', help='folder for metrics.csv/json and figures')
+    p.add_argument('--save_path', type=mahalanobisad.output_dir, default='results',
+                   help='folder for metrics.csv/json and figures')
     p.add_argument('--contaminate', type=mahalanobisad.open_fraction, default=None, metavar='FRACTION',
                    help='move a seeded FRACTION (of the number of training images) of the defective test images '
                         'into the training set (Rippel et al. 2021)')

@@ -45,6 +45,52 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be a non-negative integer, got {text}')
+    return value
+
+
+def pixel_count(text):
+    value = int(text)
+    if not 1 <= value <= image_utils.OPENCV_MAX_PIXELS:
+        raise argparse.ArgumentTypeError(f'must be in 1..{image_utils.OPENCV_MAX_PIXELS} (OpenCV\'s own limit), '
+                                         f'got {text}')
+    return value
+
+
+def output_file(text):
+    """A file the tool will write: not an existing directory, its name within the file system's limit."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f'{text} is a directory, a file name is needed')
+    limit = model_utils.name_limit(os.path.dirname(os.path.abspath(text)))
+    if len(os.fsencode(os.path.basename(text))) > limit:
+        raise argparse.ArgumentTypeError(f'file name longer than the file system\'s limit of {limit} bytes: {text}')
+    return text
+
+
+def output_path(text):
+    """A file or folder the tool will write: its name within the file system's limit."""
+    limit = model_utils.name_limit(os.path.dirname(os.path.abspath(text)))
+    if len(os.fsencode(os.path.basename(os.path.normpath(text)))) > limit:
+        raise argparse.ArgumentTypeError(f'name longer than the file system\'s limit of {limit} bytes: {text}')
+    return text
+
+
+def output_dir(text):
+    """A folder the tool will write into: not an existing file, its name within the file system's limit."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f'{text} is a file, a folder is needed')
+    return output_path(text)
+
+
+def existing_dir(text):
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f'no such directory: {text}')
+    return text
+
+
 def unit_fraction(text):
     value = float(text)
     if not 0 < value <= 1:
@@ -99,8 +145,11 @@ def add_model_arguments(p):
     p.add_argument('-a', '--aug', action='store_true', help='fit on augmented copies too (rotation, crop)')
     p.add_argument('-an', '--aug_num', type=positive_int, default=5, help='augmented copies per training image')
     p.add_argument('-bs', '--batch_size', type=positive_int, default=16, help='images per backbone run')
-    p.add_argument('--seed', type=int, default=0, help='seed of augmentation, channel subsets, coresets and folds')
-    p.add_argument('--model_dir', default='models', help='cache of ONNX backbones')
+    p.add_argument('--seed', type=non_negative_int, default=0,
+                   help='seed of augmentation, channel subsets, coresets and folds')
+    p.add_argument('--max_pixels', type=pixel_count, default=image_utils.DEFAULT_MAX_PIXELS,
+                   help='larger images (width x height, read from the file header) are refused before decoding')
+    p.add_argument('--model_dir', type=output_dir, default='models', help='cache of ONNX backbones')
     p.add_argument('--model_url', default=None,
                    help=f'base URL of b0..b7 downloads (default ${model_utils.MODEL_URL_ENV}, '
                         f'else {model_utils.DEFAULT_MODEL_URL})')
@@ -111,21 +160,21 @@ def parse_args(argv=None):
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('-i', '--input', nargs='+', default=[DEFAULT_INPUT],
                    help='image files or directories (searched recursively) to score')
-    p.add_argument('-s', '--savepath', default=None,
+    p.add_argument('-s', '--savepath', type=output_path, default=None,
                    help=f'figure file for one input (default {DEFAULT_SINGLE_SAVEPATH}); '
                         f'directory for several (default {DEFAULT_MULTI_SAVEPATH}/)')
-    p.add_argument('-f', '--feat', default=None,
+    p.add_argument('-f', '--feat', type=output_file, default=None,
                    help='feature file of fitted statistics, reused if it exists '
                         '(default <train_dir name>.pkl, <train_dir name>_<method>.pkl for other methods)')
     p.add_argument('-tr', '--train_dir', default='train', help='directory of good training images')
     p.add_argument('-th', '--threshold', type=finite_float, default=None,
                    help='image score threshold; overrides the one derived from --test_dir/--gt_dir')
-    p.add_argument('--test_dir', default=None,
+    p.add_argument('--test_dir', type=existing_dir, default=None,
                    help='labelled images for the threshold (default images, if present)')
-    p.add_argument('--gt_dir', default=None,
+    p.add_argument('--gt_dir', type=existing_dir, default=None,
                    help='masks of --test_dir images (default gt_masks); an image without one is normal')
     p.add_argument('--no_figures', action='store_true', help='write no figures')
-    p.add_argument('--json', default=None, metavar='PATH', help='write scores and verdicts as JSON')
+    p.add_argument('--json', type=output_file, default=None, metavar='PATH', help='write scores and verdicts as JSON')
     add_holdout_arguments(p)
     add_model_arguments(p)
     return p.parse_args(argv)
@@ -147,7 +196,7 @@ def load_or_fit(detector, args):
     feat_path = feature_file_path(args)
     if os.path.exists(feat_path):
         fitted = Detector.load(feat_path, model=args.model, method=args.method, model_dir=args.model_dir,
-                               model_url=args.model_url, batch_size=args.batch_size)
+                               model_url=args.model_url, batch_size=args.batch_size, max_pixels=args.max_pixels)
         if args.feat is None:
             wanted = dict(detector.settings(), train_dir=os.path.abspath(args.train_dir))
             check_settings(feat_path, fitted.meta_, wanted, FIT_SETTINGS, 'was fitted differently',
@@ -169,7 +218,8 @@ def detector_from_args(args):
     return Detector(model=args.model, method=args.method, model_dir=args.model_dir, seed=args.seed,
                     batch_size=args.batch_size, model_url=args.model_url, padim_dims=args.padim_dims,
                     spade_k=args.spade_k, coreset_ratio=args.coreset_ratio,
-                    aug_num=args.aug_num if args.aug else 0, contamination=args.contamination)
+                    aug_num=args.aug_num if args.aug else 0, contamination=args.contamination,
+                    max_pixels=args.max_pixels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,17 +285,20 @@ def report_images(inputs, labelled, fresh, detector, args, figures):
     for path, name in inputs:
         inspected = labelled.get(os.path.realpath(path)) or next(fresh)
         if inspected.error:
+            if len(inputs) == 1:  # a single input that cannot be used: its reason is the error
+                raise ImageError(inspected.error)
             continue
         anomalous = inspected.score >= detector.threshold_
-        results.append({'path': path, 'score': inspected.score, 'anomaly': bool(anomalous)})
+        shown = image_utils.display_path(path)  # valid UTF-8 whatever bytes the name holds
+        results.append({'path': shown, 'score': inspected.score, 'anomaly': bool(anomalous)})
         figure = None
-        if not args.no_figures:
+        if not args.no_figures:  # a name derived from a long input name is shortened to fit
             figure = (args.savepath or DEFAULT_SINGLE_SAVEPATH if len(inputs) == 1
-                      else os.path.join(args.savepath or DEFAULT_MULTI_SAVEPATH, name + '.png'))
+                      else model_utils.fit_path(os.path.join(args.savepath or DEFAULT_MULTI_SAVEPATH, name + '.png')))
             figures.submit(figure, inspected.view, inspected.gt_mask, inspected.anomaly_map, inspected.score,
-                           detector.threshold_, detector.pixel_threshold_, title=path)
-        logger.info('%s : score %.3f threshold %.3f -> %s%s', path, inspected.score, detector.threshold_,
-                    'ANOMALY' if anomalous else 'normal', f'  [{figure}]' if figure else '')
+                           detector.threshold_, detector.pixel_threshold_, title=shown)
+        logger.info('%s : score %.3f threshold %.3f -> %s%s', shown, inspected.score, detector.threshold_,
+                    'ANOMALY' if anomalous else 'normal', f'  [{image_utils.display_path(figure)}]' if figure else '')
     return results
 
 
@@ -271,21 +324,27 @@ def main(argv=None):
     with contextlib.closing(fresh), plot_utils.FigureWriter() as figures:
         results = report_images(inputs, labelled, fresh, detector, args, figures)
     if not results:
-        raise ImageError('none of the input images could be read')
+        raise ImageError(f'none of the {len(inputs)} input images could be read')
     logger.info('%d of %d images anomalous', sum(r['anomaly'] for r in results), len(results))
     if args.json:
         report = {'model': detector.spec.name, 'threshold': detector.threshold_,
-                  'threshold_source': detector.threshold_source_, 'pixel_threshold': detector.pixel_threshold_,
-                  'target_fpr': detector.target_fpr_, 'n_holdout': len(detector.meta_['holdout_scores']),
+                  'threshold_source': image_utils.display_path(detector.threshold_source_),
+                  'pixel_threshold': detector.pixel_threshold_, 'target_fpr': detector.target_fpr_,
+                  'n_holdout': len(detector.meta_['holdout_scores']),
                   'excluded_train_images': detector.meta_.get('excluded_train_images', []), 'images': results}
         model_utils.atomic_write_bytes(args.json, json.dumps(report, indent=1).encode())
         logger.info('wrote %s', args.json)
     return results
 
 
+TRACEBACK_ENV = 'MAHALANOBISAD_TRACEBACK'
+
+
 def run_cli(main, prog, argv=None):
     """Run `main(argv)` as a command: the tool's errors as one line on stderr and exit code 1
-    (argparse's exit code 2 for bad flags), progress bars kept apart from log lines."""
+    (argparse's exit code 2 for bad flags), Ctrl-C as one 'interrupted' line and exit code 130
+    (outputs are written atomically, so none is left half-written), progress bars kept apart from
+    log lines. Anything unexpected is one line too; $MAHALANOBISAD_TRACEBACK=1 shows where it arose."""
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
     try:
         with logging_redirect_tqdm():
@@ -294,7 +353,18 @@ def run_cli(main, prog, argv=None):
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print(f'{prog}: interrupted', file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f'{prog}: error: out of memory', file=sys.stderr)
+        return 1
+    except Exception as e:  # a library's exception this tool failed to translate: still one line
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        message = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''
+        print(f'{prog}: error: unexpected {type(e).__name__}: {message} (run with {TRACEBACK_ENV}=1 for '
+              'the traceback, and please report it)', file=sys.stderr)
+        return 1
     return 0
 
 

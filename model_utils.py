@@ -10,11 +10,12 @@ only build tensors, and `build_efficientnet_onnx` writes the graph with the onnx
 """
 import collections
 import dataclasses
+import hashlib
 import importlib.util
 import logging
 import os
 import pickle
-import tempfile
+import secrets
 import time
 import zipfile
 
@@ -320,13 +321,65 @@ def build_efficientnet_onnx(state_dict, name):
 # Acquiring a backbone and running it
 # ----------------------------------------------------------------------------------------------
 
+def name_limit(folder):
+    """Longest file name, in bytes, that the file system holding `folder` (or its nearest existing
+    ancestor) accepts."""
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return os.pathconf(folder, 'PC_NAME_MAX')
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def shorten_name(name, limit):
+    """`name` (a file name) if it fits `limit` bytes, else deterministically shortened to fit: a
+    readable prefix, '~', 10 hex digits of the SHA-1 of the whole name, and the extension."""
+    encoded = os.fsencode(name)
+    if len(encoded) <= limit:
+        return name
+    stem, extension = os.path.splitext(encoded)
+    if len(extension) > 16:
+        extension = b''
+    tag = b'~' + hashlib.sha1(encoded).hexdigest()[:10].encode()
+    cut = max(0, limit - len(tag) - len(extension))
+    while 0 < cut < len(stem) and 0x80 <= stem[cut] < 0xC0:  # never split a UTF-8 character
+        cut -= 1
+    return os.fsdecode(stem[:cut] + tag + extension)
+
+
+def fit_path(path):
+    """`path` with its file name shortened (see shorten_name) if the file system would refuse it:
+    for output names derived from input names."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, shorten_name(name, name_limit(folder or '.')))
+
+
+def create_temporary(path, suffix):
+    """A new file beside `path` -> (fd, temporary path): hidden, unique, its name within the file
+    system's limit however long `path`'s is, and created with mode 0666 less the user's umask (so
+    the file renamed into place has the mode any new file of the user would have)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    random_part = secrets.token_hex(4)
+    room = name_limit(folder) - len(f'..{random_part}{suffix}')
+    for _ in range(100):
+        temporary = os.path.join(folder, f'.{shorten_name(name, room)}.{random_part}{suffix}')
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_CLOEXEC', 0), 0o666), \
+                temporary
+        except FileExistsError:
+            random_part = secrets.token_hex(4)
+    raise FileExistsError(f'no free temporary name beside {path}')
+
+
 def atomic_write_bytes(path, data):
     """Write `data` to `path` through a temporary file in the same folder and a rename,
-    so a reader never sees a half-written file."""
+    so a reader never sees a half-written file; on any failure (Ctrl-C included) nothing is left."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+        fd, tmp = create_temporary(path, '.tmp')
     except OSError as e:
         raise OSError(f'cannot write {path}: {e.strerror or e}') from None
     try:
@@ -439,7 +492,7 @@ def download_model(url, path, sha256=None):
                 return  # another process finished it while this one waited
             except ValueError:
                 pass
-        fd, part_path = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.part', dir=folder)
+        fd, part_path = create_temporary(path, '.part')
         os.close(fd)
         try:
             _download_to(url, part_path, sha256)

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 from skimage.segmentation import mark_boundaries
 
+from image_utils import display_path
 from model_utils import atomic_write_bytes
 
 PANEL = 256            # side of each panel, pixels
@@ -21,7 +22,14 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 RED, BLACK, WHITE, GRAY = (0, 0, 220), (0, 0, 0), (255, 255, 255), (128, 128, 128)  # BGR
 
 
+def drawable(text):
+    """`text` as OpenCV's Hershey fonts can draw it: ASCII only (bytes that are not UTF-8 as \\xNN,
+    other characters as '?'). Anything else must never reach cv2.putText."""
+    return display_path(text).encode('ascii', 'replace').decode('ascii')
+
+
 def _text(canvas, text, x, y, scale=0.5, color=BLACK, center=False):
+    text = drawable(text)
     if center:
         x -= cv2.getTextSize(text, FONT, scale, 1)[0][0] // 2
     cv2.putText(canvas, text, (int(x), int(y)), FONT, scale, color, 1, cv2.LINE_AA)
@@ -71,7 +79,7 @@ def render_figure(image, gt_mask, anomaly_map, score, threshold, pixel_threshold
     width = xs[-1] + PANEL + MARGIN
     canvas = np.full((TITLE_H + LABEL_H + PANEL + MARGIN, width, 3), 255, np.uint8)
     verdict_color = RED if anomalous else BLACK
-    _text(canvas, _fit_text(title, width - 2 * MARGIN, 0.5), width // 2, 22, 0.5, verdict_color, center=True)
+    _text(canvas, _fit_text(drawable(title), width - 2 * MARGIN, 0.5), width // 2, 22, 0.5, verdict_color, center=True)
     _text(canvas, f'score {score:.2f}   threshold {threshold:.2f}   ->   {"ANOMALY" if anomalous else "normal"}',
           width // 2, 46, 0.6, verdict_color, center=True)
     top = TITLE_H + LABEL_H
@@ -121,7 +129,8 @@ class FigureWriter:
         return self
 
     def __exit__(self, *exc):
-        self.pool.shutdown(wait=True)
+        # On an error (or Ctrl-C) queued figures are dropped; one being written completes.
+        self.pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
         if exc[0] is None:
             for future in self.futures:
                 future.result()

@@ -134,7 +134,7 @@ def test_pickle_inside_an_npz_is_refused_and_never_runs(tmp_path):
     path = str(tmp_path / 'train.pkl')
     with open(path, 'wb') as f:
         np.savez(f, meta=np.array([Payload(marker)], dtype=object))
-    with pytest.raises(FeatureFileError, match='damaged or not a feature file'):
+    with pytest.raises(FeatureFileError, match='damaged feature file: member meta holds Python objects'):
         anomaly_model.load_feature_file(path)
     assert not marker.exists()
 

@@ -142,7 +142,10 @@ def test_load_view_equals_network_view_of_load_image(tmp_path):
         path = write(tmp_path / name, array)
         view, shape = image_utils.load_view(path, 256, 224)
         assert shape == (300, 420), name
-        np.testing.assert_array_equal(view, image_utils.network_view(image_utils.load_image(path), 256, 224), name)
+        expected = image_utils.network_view(image_utils.load_image(path), 256, 224)
+        # 16-bit: resized before the conversion to 8 bits, so one level of rounding apart
+        tolerance = 1 if array.dtype == np.uint16 else 0
+        assert np.abs(view.astype(int) - expected).max() <= tolerance, name
 
 
 def test_stream_reads_at_most_two_batches_ahead():
