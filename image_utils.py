@@ -151,10 +151,16 @@ def center_crop(image, size):
     return image[top:top + size, left:left + size]
 
 
-def to_tensor(image, mean, std):
-    """RGB uint8 (S, S, 3) -> normalised float32 (3, S, S)."""
+def normalization(mean, std):
+    """(scale (3,), offset (3,)) float32 with pixel * scale - offset = (pixel / 255 - mean) / std."""
     scale = 1.0 / (255.0 * np.asarray(std, np.float32))
     offset = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    return scale, offset
+
+
+def to_tensor(image, mean, std):
+    """RGB uint8 (S, S, 3) -> normalised float32 (3, S, S)."""
+    scale, offset = normalization(mean, std)
     return (image.astype(np.float32) * scale - offset).transpose(2, 0, 1)
 
 
