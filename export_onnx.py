@@ -278,11 +278,16 @@ def _squared_norms(g, x):
     return g.op('ReduceSum', [g.op('Mul', [x, x]), g.const(np.array([-1], np.int64))], keepdims=1)
 
 
-def _squared_distances(g, a, b_transposed, b_norms):
-    """anomaly_model.squared_distances as |a|^2 - 2 a.b + |b|^2 (the tool's order): a (..., M, D),
-    b_transposed (D, B) constant, b_norms (B,) constant -> (..., M, B)."""
-    product = g.op('MatMul', [a, b_transposed])
-    return g.op('Add', [g.op('Sub', [_squared_norms(g, a), g.op('Mul', [product, g.const(np.float32(2))])]), b_norms])
+def _distance_constants(g, b):
+    """Constants for squared distances to the rows of b (B, D): (-2 b.T, |b|^2) initializer names.
+    The -2 is folded in (a power of two: the same rounding), saving a full-size intermediate."""
+    return g.const(np.ascontiguousarray(-2 * b.T, np.float32), 'bank'), g.const(np.einsum('ij,ij->i', b, b))
+
+
+def _squared_distances(g, a, constants):
+    """anomaly_model.squared_distances, |a|^2 - 2 a.b + |b|^2: a (..., M, D) -> (..., M, B)."""
+    minus_two_b_t, b_norms = constants
+    return g.op('Add', [g.op('Add', [_squared_norms(g, a), g.op('MatMul', [a, minus_two_b_t])]), b_norms])
 
 
 def _sqrt_clipped(g, squared):
@@ -357,8 +362,7 @@ def _spade(g, method, maps, shapes, output_size):
     train_patches = method.train_patches.astype(np.float32)                            # (T, P, D)
     k = min(params['k'], len(train_pooled))
     pooled = _pool(g, maps[params['image_level']])
-    distances = _sqrt_clipped(g, _squared_distances(
-        g, pooled, g.const(np.ascontiguousarray(train_pooled.T)), g.const(np.einsum('ij,ij->i', train_pooled, train_pooled))))
+    distances = _sqrt_clipped(g, _squared_distances(g, pooled, _distance_constants(g, train_pooled)))
     nearest_distances, nearest = g.op('TopK', [distances, g.const(np.array([k], np.int64))], outputs=2,
                                       largest=0, sorted=1)
     score = g.reduce('ReduceMean', nearest_distances, [1])
@@ -385,12 +389,9 @@ def _patchcore(g, method, maps, shapes, output_size):
     patches = _embed_patches(g, aggregated, shapes, params['levels'], params['grid'])  # (N, P, D)
     queries = g.op('Reshape', [patches, g.shape_const([-1, d])])                        # (N*P, D)
     minima, arguments = [], []
-    bank_t = np.ascontiguousarray(bank.T)
-    bank_norms = np.einsum('ij,ij->i', bank, bank)
-    for start in range(0, b, BANK_CHUNK):
-        stop = min(start + BANK_CHUNK, b)
-        squared = _squared_distances(g, queries, g.const(np.ascontiguousarray(bank_t[:, start:stop]), 'bank'),
-                                     g.const(bank_norms[start:stop]))
+    chunks = [_distance_constants(g, bank[start:start + BANK_CHUNK]) for start in range(0, b, BANK_CHUNK)]
+    for start, chunk in zip(range(0, b, BANK_CHUNK), chunks):
+        squared = _squared_distances(g, queries, chunk)
         minima.append(g.reduce('ReduceMin', squared, [1], keepdims=1))
         arguments.append(g.op('Add', [g.op('ArgMin', [squared], axis=1, keepdims=1), g.const(np.int64(start))]))
     if len(minima) > 1:
@@ -407,13 +408,15 @@ def _patchcore(g, method, maps, shapes, output_size):
     worst = g.op('ArgMax', [distances], axis=1, keepdims=1)                              # (N, 1)
     worst_distance = g.op('GatherElements', [distances, worst], axis=1)                  # (N, 1)
     anchor_index = g.op('Squeeze', [g.op('GatherElements', [indices, worst], axis=1), g.const(np.array([1], np.int64))])
-    anchor = g.op('Gather', [g.const(bank, 'bank'), anchor_index], axis=0)               # (N, D)
+    bank_rows = g.const(bank, 'bank')
+    anchor = g.op('Gather', [bank_rows, anchor_index], axis=0)                            # (N, D)
     worst_patch = g.op('GatherElements', [patches, g.op('Expand', [
         g.op('Unsqueeze', [worst, g.const(np.array([2], np.int64))]), g.shape_const([1, 1, d])])], axis=1)  # (N, 1, D)
     neighbours = min(params['neighbours'], b)
-    to_bank = _squared_distances(g, anchor, g.const(bank_t), g.const(bank_norms))       # (N, B)
+    to_bank = [_squared_distances(g, anchor, chunk) for chunk in chunks]
+    to_bank = g.op('Concat', to_bank, axis=1) if len(to_bank) > 1 else to_bank[0]        # (N, B)
     _, nearest = g.op('TopK', [to_bank, g.const(np.array([neighbours], np.int64))], outputs=2, largest=0, sorted=1)
-    neighbourhood = g.op('Gather', [g.const(bank, 'bank'), nearest], axis=0)             # (N, b, D)
+    neighbourhood = g.op('Gather', [bank_rows, nearest], axis=0)                          # (N, b, D)
     difference = g.op('Sub', [neighbourhood, worst_patch])
     spread = g.op('Sqrt', [g.reduce('ReduceSum', g.op('Mul', [difference, difference]), [2])])  # (N, b)
     exp_sum = g.reduce('ReduceSum', g.op('Exp', [g.op('Sub', [spread, worst_distance])]), [1], keepdims=1)

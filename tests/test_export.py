@@ -103,8 +103,9 @@ def run_model(path, paths):
 
 
 @pytest.mark.parametrize('name', list(anomaly_model.METHODS))
-def test_exported_model_scores_like_the_tool(name, backbone, train_maps, sized_inputs, tmp_path):
+def test_exported_model_scores_like_the_tool(name, backbone, train_maps, sized_inputs, tmp_path, monkeypatch):
     spec, _, extractor = backbone
+    monkeypatch.setattr(export_onnx, 'BANK_CHUNK', 500)  # PatchCore: a bank of ~1900 rows in 4 blocks
     method = fitted(name, backbone, train_maps)
     for size, paths in sized_inputs.items():
         tool = list(mahalanobisad.score_images(paths, extractor, spec, method))
