@@ -29,6 +29,7 @@ import image_utils  # noqa: E402
 import mahalanobisad  # noqa: E402
 import model_utils  # noqa: E402
 import plot_utils  # noqa: E402
+from detector import pixel_arrays  # noqa: E402
 
 logger = logging.getLogger('evaluate')
 
@@ -100,13 +101,15 @@ def reset_peak_memory():
 # one category
 # ----------------------------------------------------------------------------------------------
 
-def evaluate_category(root, extractor, spec, args):
-    """Fit on root/train/good, score root/test -> (metrics row, scored test images, their labels,
-    F1-optimal image threshold, pixel threshold, (masks, maps) from `pixel_arrays` or None).
+def evaluate_category(root, args):
+    """Fit on root/train/good, score root/test -> (metrics row, inspected test images, their labels,
+    the calibrated Detector, (masks, maps) from `pixel_arrays` or None).
 
-    The pixel threshold is F1-optimal where there are masks, else the training hold-out's."""
+    Thresholds are F1-optimal on the test set (the pixel one where there are masks, else the training
+    hold-out's)."""
     category = os.path.basename(os.path.normpath(root))
-    train_paths = image_utils.list_images(os.path.join(root, 'train', 'good'))
+    train_dir = os.path.join(root, 'train', 'good')
+    train_paths = image_utils.list_images(train_dir)
     test_dir, gt_dir = os.path.join(root, 'test'), os.path.join(root, 'ground_truth')
     test_paths = image_utils.list_images(test_dir)
     has_ground_truth = os.path.isdir(gt_dir)
@@ -115,15 +118,12 @@ def evaluate_category(root, extractor, spec, args):
 
     reset_peak_memory()
     start = time.perf_counter()
-    method = anomaly_model.make_method(args.method, args.padim_dims, args.spade_k, args.coreset_ratio, args.seed)
-    holdout_thresholds = mahalanobisad.fit(method, train_paths, extractor, spec, args.batch_size,
-                                           args.aug_num if args.aug else 0, args.seed)
+    detector = mahalanobisad.detector_from_args(args).fit(train_paths, source=os.path.abspath(train_dir))
     fit_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    scored = [s for s in mahalanobisad.score_images(
-        test_paths, extractor, spec, method, args.batch_size,
-        masks_from=(test_dir, gt_dir) if has_ground_truth else None, desc=f'{category}: score') if s]
+    masks = [image_utils.find_mask(p, test_dir, gt_dir) for p in test_paths] if has_ground_truth else None
+    scored = [r for r in detector.inspect(test_paths, masks, desc=f'{category}: score') if not r.error]
     images_per_s = len(scored) / (time.perf_counter() - start)
 
     # An image is anomalous if it has a defect mask, or (without ground truth) lies outside test/good.
@@ -132,17 +132,21 @@ def evaluate_category(root, extractor, spec, args):
     scores = np.array([s.score for s in scored])
     if labels.all() or not labels.any():
         raise mahalanobisad.UsageError(f'{test_dir} needs both good and defective images to evaluate')
-    threshold, image_f1 = anomaly_model.f1_optimal_threshold(labels, scores)
-    row = {'category': category, 'method': method.name, 'model': spec.name,
+    if has_ground_truth:
+        image_f1 = detector.calibrate_results(scored, source=f'{category} test set').calibration_['image_f1']
+    else:  # labels from the folders: the image threshold only
+        threshold, image_f1 = anomaly_model.f1_optimal_threshold(labels, scores)
+        detector.set_threshold(threshold, f'F1-optimal on {category} test set')
+    row = {'category': category, 'method': detector.method, 'model': detector.spec.name,
            'image_auroc': float(roc_auc_score(labels, scores)), 'pixel_auroc': None, 'aupro': None,
-           'image_f1': image_f1, 'fit_s': fit_s, 'images_per_s': images_per_s, 'peak_mb': peak_memory_mb()}
-    pixels, pixel_threshold = None, holdout_thresholds['pixel']
-    if has_ground_truth and method.localizes:
-        pixels = mahalanobisad.pixel_arrays(scored)
+           'image_f1': image_f1, 'fit_s': fit_s, 'images_per_s': images_per_s,
+           'peak_mb': peak_memory_mb()}
+    pixels = None
+    if has_ground_truth and detector.localizes:
+        pixels = pixel_arrays(scored)
         row['pixel_auroc'] = float(roc_auc_score(pixels[0].ravel(), pixels[1].ravel()))
         row['aupro'] = aupro(*pixels)
-        pixel_threshold = anomaly_model.f1_optimal_threshold(*pixels)[0]
-    return row, scored, labels, threshold, pixel_threshold, pixels
+    return row, scored, labels, detector, pixels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +168,7 @@ def save_roc_figure(path, category, labels, scores, title):
     model_utils.atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_category_figures(folder, row, scored, labels, threshold, pixel_threshold, pixels):
+def save_category_figures(folder, row, scored, labels, detector, pixels):
     """ROC curves (image-level, and pixel-level where there are masks) and example figures."""
     category = row['category']
     scores = np.array([s.score for s in scored])
@@ -177,7 +181,7 @@ def save_category_figures(folder, row, scored, labels, threshold, pixel_threshol
     for kind, chosen in examples.items():
         for rank, s in enumerate(chosen):
             plot_utils.save_figure(os.path.join(folder, f'{category}_{kind}{rank}.png'), s.view, s.gt_mask,
-                                   s.anomaly_map, s.score, threshold, pixel_threshold,
+                                   s.anomaly_map, s.score, detector.threshold_, detector.pixel_threshold_,
                                    title=f'{kind} defect #{rank + 1}: {s.path}')
 
 
@@ -241,20 +245,20 @@ def find_categories(data_path, requested):
 def main(argv=None):
     args = parse_args(argv)
     categories = find_categories(args.data_path, args.category)
-    spec, onnx_path = model_utils.resolve_model(args.model, args.model_dir, args.model_url)
-    extractor = model_utils.FeatureExtractor(onnx_path)
+    spec = mahalanobisad.detector_from_args(args).spec
     logger.info('evaluating %s on %s with %s', ', '.join(categories), args.data_path, spec.name)
     os.makedirs(args.save_path, exist_ok=True)
     rows = []
     for category in categories:
-        row, *outcome = evaluate_category(os.path.join(args.data_path, category), extractor, spec, args)
+        row, *outcome = evaluate_category(os.path.join(args.data_path, category), args)
         save_category_figures(args.save_path, row, *outcome)
         rows.append(row)
         logger.info('%s: image AUROC %.4f', category, row['image_auroc'])
     rows.append(mean_row(rows))
     write_results(args.save_path, rows)
     print(format_table(rows))
-    logger.info('wrote %s and %s', os.path.join(args.save_path, 'metrics.csv'), os.path.join(args.save_path, 'metrics.json'))
+    logger.info('wrote %s and %s', os.path.join(args.save_path, 'metrics.csv'),
+                os.path.join(args.save_path, 'metrics.json'))
     return rows
 
 

@@ -90,6 +90,25 @@ def load_image(path):
     return _to_rgb(_to_uint8(_decode(path, cv2.IMREAD_UNCHANGED)))
 
 
+def check_rgb_array(image):
+    """An image given as an array: RGB uint8 (H, W, 3), or gray uint8 (H, W) made RGB; else ImageError."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        raise ImageError(f'an image array must be uint8, got {getattr(image, "dtype", type(image).__name__)}')
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ImageError(f'an image array must be RGB (H, W, 3), got shape {image.shape}')
+    return image
+
+
+def check_mask_array(mask, image_shape):
+    """A mask given as an array of the image's (H, W) -> bool (H, W): non-zero is defect."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.shape != tuple(image_shape[:2]):
+        raise ImageError(f'mask array has shape {mask.shape}, its image is {tuple(image_shape[:2])}')
+    return mask != 0
+
+
 def load_view(path, resize_size, crop_size):
     """`network_view(load_image(path), ...)` and the image's (H, W), for less work: the colour
     conversion runs on the small view (resizing is per channel, so the result is identical;

@@ -9,15 +9,12 @@ Mahalanobis distance, decide the verdict with a threshold derived from labelled 
 """
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import sys
 
 import numpy as np
-from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import anomaly_model
@@ -25,6 +22,7 @@ import image_utils
 import model_utils
 import plot_utils
 from anomaly_model import FeatureFileError, MethodError
+from detector import FIT_SETTINGS, Detector, Inspection, UsageError, check_settings  # noqa: F401 (the API)
 from image_utils import ImageError
 from model_utils import ModelError
 
@@ -33,14 +31,6 @@ logger = logging.getLogger('mahalanobisad')
 DEFAULT_INPUT = 'images'
 DEFAULT_SINGLE_SAVEPATH = 'output.png'
 DEFAULT_MULTI_SAVEPATH = 'output'
-# Settings that change the features themselves: a feature file fitted with others cannot be used.
-FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names', 'method')
-# Settings of the fit: a default-named feature file fitted with others is not silently reused.
-FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed', 'method_options')
-
-
-class UsageError(ValueError):
-    """Arguments that cannot work together; the message says what to change."""
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -114,157 +104,45 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@dataclasses.dataclass
-class ScoredImage:
-    """One scored image: the network's view (S, S, 3) uint8, its image score, its pixel
-    distance map (S, S) or None, and its ground-truth mask (S, S) bool or None."""
-    path: str
-    score: float
-    view: np.ndarray
-    anomaly_map: np.ndarray = None
-    gt_mask: np.ndarray = None
-
-
-def pixel_arrays(scored):
-    """Ground truth and maps of scored images, stacked: (masks (N, S, S) bool, maps (N, S, S)); an
-    image without a mask counts as defect-free."""
-    masks = np.stack([s.gt_mask if s.gt_mask is not None else np.zeros(s.view.shape[:2], bool) for s in scored])
-    return masks, np.stack([s.anomaly_map for s in scored])
-
-
-# ----------------------------------------------------------------------------------------------
-# image -> tensor -> features
-# ----------------------------------------------------------------------------------------------
-
-def fit(method, train_paths, extractor, spec, batch_size=16, aug_num=0, seed=0):
-    """Configure and fit `method` on the training images (plus aug_num augmented views of each)
-    -> holdout thresholds {'image', 'pixel'} (pixel None for a method without maps)."""
-    copies = 1 + aug_num
-
-    def load(item):
-        """All views of one training image (decoded once): the plain one, then the augmented ones."""
-        index, path = item
-        if copies == 1:
-            return [image_utils.to_tensor(image_utils.load_view(path, spec.resize_size, spec.input_size)[0],
-                                          spec.mean, spec.std)]
-        image = image_utils.load_image(path)
-        views = [image_utils.network_view(image, spec.resize_size, spec.input_size)]
-        for copy in range(1, copies):  # seeded per (image, copy): the same views whatever the thread order
-            rng = np.random.default_rng([seed, index, copy])
-            views.append(image_utils.augment(image, rng, spec.resize_size, spec.input_size))
-        return [image_utils.to_tensor(view, spec.mean, spec.std) for view in views]
-
-    batches, groups = [], []
-    items = list(enumerate(train_paths))
-    with tqdm(total=len(items), desc='fit: features', unit='img') as progress, threadpool_limits(1, 'blas'):
-        for batch in image_utils.stream(items, load, batch_size):
-            progress.update(len(batch))
-            tensors = []
-            for (index, _), loaded in batch:
-                if isinstance(loaded, ImageError):
-                    logger.warning('skipping training image: %s', loaded)
-                    continue
-                tensors += loaded
-                groups += [index] * len(loaded)
-            for start in range(0, len(tensors), batch_size):
-                feature_maps = extractor(np.stack(tensors[start:start + batch_size]))
-                if not batches:
-                    configure(method, feature_maps, spec)
-                batches.append(method.features(feature_maps))
-    if len(set(groups)) < 2:
-        raise UsageError(f'need at least 2 readable training images, found {len(set(groups))}')
-    train_features = anomaly_model.concatenate_features(batches)
-    logger.info('fitting %s on %d views of %d images', method.name, len(groups), len(set(groups)))
-    method.fit(train_features)
-    image_scores, pixel_max = anomaly_model.holdout_scores(method, train_features, np.array(groups),
-                                                           spec.input_size, seed=seed)
-    return {'image': float(image_scores.max()), 'pixel': pixel_max}
-
-
-def configure(method, feature_maps, spec):
-    """Fit `method` to this backbone's outputs; warn once if it cannot draw maps."""
-    method.configure([m.shape[1:] for m in feature_maps], spec.input_size)
-    if not method.localizes:
-        sizes = ', '.join(f'{m.shape[-1]}x{m.shape[-2]}' for m in feature_maps)
-        logger.warning('%s has no feature maps of stride 4..16 (its outputs are %s): image-level scores only, '
-                       'no heat maps', spec.name, sizes)
-
-
-def score_images(paths, extractor, spec, method, batch_size=16, masks_from=None, desc='score'):
-    """Yield, for each of `paths` in order, its ScoredImage, or None if it cannot be read (with a
-    warning). masks_from: (test_dir, gt_dir) to attach ground-truth masks, or None."""
-    def load(path):
-        view, image_shape = image_utils.load_view(path, spec.resize_size, spec.input_size)
-        gt_mask = None
-        if masks_from is not None:
-            mask_path = image_utils.find_mask(path, *masks_from)
-            if mask_path is not None:
-                try:
-                    gt_mask = image_utils.load_mask(mask_path, image_shape)
-                except ImageError as e:  # broken ground truth would bias the threshold: stop
-                    raise UsageError(f'ground truth unusable: {e}') from None
-                gt_mask = image_utils.mask_view(gt_mask, spec.resize_size, spec.input_size)
-        return view, gt_mask
-
-    # Scoring arithmetic stays on this thread: BLAS helper threads would compete with the decoders.
-    with tqdm(total=len(paths), desc=desc, unit='img', leave=False) as progress, threadpool_limits(1, 'blas'):
-        for batch in image_utils.stream(paths, load, batch_size):
-            progress.update(len(batch))
-            good = [(path, *loaded) for path, loaded in batch if not isinstance(loaded, ImageError)]
-            scored = {}
-            if good:
-                feature_maps = extractor(np.stack([image_utils.to_tensor(view, spec.mean, spec.std)
-                                                   for _, view, _ in good]))
-                scores, maps = method.score(method.features(feature_maps), spec.input_size)
-                if maps is None:
-                    maps = [None] * len(good)
-                scored = {path: ScoredImage(path, float(score), view, anomaly_map, gt_mask)
-                          for (path, view, gt_mask), score, anomaly_map in zip(good, scores, maps)}
-            for path, loaded in batch:
-                if isinstance(loaded, ImageError):
-                    logger.warning('skipping: %s', loaded)
-                yield scored.get(path)
-
-
 # ----------------------------------------------------------------------------------------------
 # feature file: reuse or fit
 # ----------------------------------------------------------------------------------------------
 
-def load_or_fit(extractor, spec, args):
-    """-> (meta, fitted method): reused from the feature file if it exists, else fitted and saved."""
-    method = anomaly_model.make_method(args.method, args.padim_dims, args.spade_k, args.coreset_ratio, args.seed)
+def feature_file_path(args):
+    """--feat, or <train_dir name>.pkl (<train_dir name>_<method>.pkl for methods other than mahalanobis)."""
     suffix = '' if args.method == 'mahalanobis' else '_' + args.method
-    feat_path = args.feat or os.path.basename(os.path.normpath(args.train_dir)) + suffix + '.pkl'
-    settings = {'backbone': spec.name, 'input_size': spec.input_size, 'resize_size': spec.resize_size,
-                'mean': list(spec.mean), 'std': list(spec.std), 'feature_names': extractor.output_names,
-                'method': method.name, 'method_options': dict(method.params),
-                'train_dir': os.path.abspath(args.train_dir), 'aug': args.aug,
-                'aug_num': args.aug_num if args.aug else 0, 'seed': args.seed}
+    return args.feat or os.path.basename(os.path.normpath(args.train_dir)) + suffix + '.pkl'
+
+
+def load_or_fit(detector, args):
+    """`detector` (unfitted, with the CLI's flags) -> a fitted Detector: reused from the feature file if
+    it exists, else fitted and saved."""
+    feat_path = feature_file_path(args)
     if os.path.exists(feat_path):
-        meta, method = anomaly_model.load_feature_file(feat_path)
-        check_settings(feat_path, meta, settings, FEATURE_SETTINGS, 'cannot be used with this backbone and method')
+        fitted = Detector.load(feat_path, model=args.model, method=args.method, model_dir=args.model_dir,
+                               model_url=args.model_url, batch_size=args.batch_size)
         if args.feat is None:
-            check_settings(feat_path, meta, settings, FIT_SETTINGS, 'was fitted differently')
+            wanted = dict(detector.settings(), train_dir=os.path.abspath(args.train_dir))
+            check_settings(feat_path, fitted.meta_, wanted, FIT_SETTINGS, 'was fitted differently',
+                           'pass --feat to reuse it anyway, or another --feat to fit a new one')
         logger.info('reusing fitted %s statistics from %s (%d training images; train images not read)',
-                    method.name, feat_path, meta['n_train_images'])
-        return meta, method
+                    fitted.method, feat_path, fitted.meta_['n_train_images'])
+        return fitted
 
     train_paths = image_utils.list_images(args.train_dir)
-    logger.info('fitting %s on %d training images from %s%s', method.name, len(train_paths), args.train_dir,
+    logger.info('fitting %s on %d training images from %s%s', args.method, len(train_paths), args.train_dir,
                 f' with {args.aug_num} augmented copies each' if args.aug else '')
-    holdout_thresholds = fit(method, train_paths, extractor, spec, args.batch_size, settings['aug_num'], args.seed)
-    meta = dict(settings, n_train_images=len(train_paths), holdout_thresholds=holdout_thresholds)
-    anomaly_model.save_feature_file(feat_path, meta, method)
+    detector.fit(train_paths, source=os.path.abspath(args.train_dir)).save(feat_path)
     logger.info('saved fitted statistics to %s', feat_path)
-    return meta, method
+    return detector
 
 
-def check_settings(feat_path, meta, settings, keys, what):
-    differences = [f'{k} {meta.get(k)!r} here {settings[k]!r}' for k in keys if meta.get(k) != settings[k]]
-    if differences:
-        hint = ('pass --feat with a new file name to fit one' if keys is FEATURE_SETTINGS
-                else 'pass --feat to reuse it anyway, or another --feat to fit a new one')
-        raise FeatureFileError(f'{feat_path} {what}: {"; ".join(differences)}; {hint}')
+def detector_from_args(args):
+    """An unfitted Detector with the CLI's model and method flags."""
+    return Detector(model=args.model, method=args.method, model_dir=args.model_dir, seed=args.seed,
+                    batch_size=args.batch_size, model_url=args.model_url, padim_dims=args.padim_dims,
+                    spade_k=args.spade_k, coreset_ratio=args.coreset_ratio,
+                    aug_num=args.aug_num if args.aug else 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,44 +161,25 @@ def labelled_dirs(args):
     return None
 
 
-def decide_thresholds(extractor, spec, method, meta, args, masks_from):
-    """-> (threshold, pixel_threshold, source, {realpath: ScoredImage} of the labelled images).
+def decide_thresholds(detector, args, masks_from):
+    """Set the detector's thresholds -> {realpath: Inspection} of the labelled images scored for them.
 
     --threshold given: nothing is scored, the pixel threshold comes from the training hold-out.
     Else the labelled images (masks_from) are scored for F1-optimal thresholds, falling back to
     the training hold-out when they lack a class.
     """
-    labelled = {}
-    image_threshold = pixel_threshold = None
-    source = 'training hold-out'
     if args.threshold is not None:
-        image_threshold, source = args.threshold, '--threshold'
-        logger.info('image threshold %.3f from --threshold', image_threshold)
-    elif masks_from is not None:
-        test_dir, gt_dir = masks_from
-        paths = image_utils.list_images(test_dir)
-        scored = [s for s in score_images(paths, extractor, spec, method, args.batch_size,
-                                          masks_from=masks_from, desc='threshold: labelled images') if s]
-        labelled = {os.path.realpath(s.path): s for s in scored}
-        labels = np.array([s.gt_mask is not None and s.gt_mask.any() for s in scored])
-        if labels.any() and not labels.all():
-            image_threshold, f1 = anomaly_model.f1_optimal_threshold(labels, [s.score for s in scored])
-            source = f'F1-optimal on {test_dir} + {gt_dir}'
-            logger.info('image threshold %.3f maximises F1 (%.3f) on %d labelled images (%d anomalous)',
-                        image_threshold, f1, len(scored), labels.sum())
-            if method.localizes:
-                pixel_threshold, pixel_f1 = anomaly_model.f1_optimal_threshold(*pixel_arrays(scored))
-                logger.info('pixel threshold %.3f maximises pixel F1 (%.3f)', pixel_threshold, pixel_f1)
-        else:
-            logger.warning('%s has %s: cannot derive an F1-optimal threshold', test_dir,
-                           'no defect masks in ' + gt_dir if not labels.any() else 'no normal images')
-    if image_threshold is None:
-        image_threshold = meta['holdout_thresholds']['image']
-        logger.info('image threshold %.3f: the largest score of held-out training images', image_threshold)
-    if pixel_threshold is None and method.localizes:
-        pixel_threshold = meta['holdout_thresholds']['pixel']
-        logger.info('pixel threshold %.3f: the largest pixel score of held-out training images', pixel_threshold)
-    return image_threshold, pixel_threshold, source, labelled
+        detector.set_threshold(args.threshold, '--threshold').use_holdout_thresholds(image=False)
+        return {}
+    if masks_from is None:
+        detector.use_holdout_thresholds()
+        return {}
+    test_dir, gt_dir = masks_from
+    paths = image_utils.list_images(test_dir)
+    results = [r for r in detector.inspect(paths, [image_utils.find_mask(p, test_dir, gt_dir) for p in paths],
+                                           desc='threshold: labelled images') if not r.error]
+    detector.calibrate_results(results, source=f'{test_dir} + {gt_dir}')
+    return {os.path.realpath(r.path): r for r in results}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,55 +197,54 @@ def list_inputs(inputs):
     return listed
 
 
-def report_images(inputs, labelled, fresh, threshold, pixel_threshold, args, figures):
+def report_images(inputs, labelled, fresh, detector, args, figures):
     """Verdict, log line and figure (queued on the FigureWriter `figures`) for each input
-    -> JSON records [{path, score, anomaly}]."""
+    -> JSON records [{path, score, anomaly}]. labelled: {realpath: Inspection} already scored;
+    fresh: the Inspections of the other inputs, in order."""
     results = []
     for path, name in inputs:
-        scored = labelled.get(os.path.realpath(path)) or next(fresh)
-        if scored is None:
+        inspected = labelled.get(os.path.realpath(path)) or next(fresh)
+        if inspected.error:
             continue
-        anomalous = scored.score >= threshold
-        results.append({'path': path, 'score': scored.score, 'anomaly': bool(anomalous)})
+        anomalous = inspected.score >= detector.threshold_
+        results.append({'path': path, 'score': inspected.score, 'anomaly': bool(anomalous)})
         figure = None
         if not args.no_figures:
             figure = (args.savepath or DEFAULT_SINGLE_SAVEPATH if len(inputs) == 1
                       else os.path.join(args.savepath or DEFAULT_MULTI_SAVEPATH, name + '.png'))
-            figures.submit(figure, scored.view, scored.gt_mask, scored.anomaly_map,
-                           scored.score, threshold, pixel_threshold, title=path)
-        logger.info('%s : score %.3f threshold %.3f -> %s%s', path, scored.score, threshold,
+            figures.submit(figure, inspected.view, inspected.gt_mask, inspected.anomaly_map, inspected.score,
+                           detector.threshold_, detector.pixel_threshold_, title=path)
+        logger.info('%s : score %.3f threshold %.3f -> %s%s', path, inspected.score, detector.threshold_,
                     'ANOMALY' if anomalous else 'normal', f'  [{figure}]' if figure else '')
     return results
 
 
 def main(argv=None):
     args = parse_args(argv)
-
-    spec, onnx_path = model_utils.resolve_model(args.model, args.model_dir, args.model_url)
-    extractor = model_utils.FeatureExtractor(onnx_path)
-    logger.info('model %s (%s, input %dx%d, %d feature levels)', spec.name, onnx_path,
-                spec.input_size, spec.input_size, len(extractor.output_names))
-
+    detector = detector_from_args(args)
+    detector.spec  # opens (or downloads) the backbone first: a bad -m fails before any other work
     inputs = list_inputs(args.input)
     if len(inputs) > 1 and args.savepath and image_utils.is_image_file(args.savepath):
         raise UsageError(f'{len(inputs)} inputs: --savepath must be a directory, not {args.savepath}')
 
-    meta, method = load_or_fit(extractor, spec, args)
+    detector = load_or_fit(detector, args)
     masks_from = labelled_dirs(args)
-    threshold, pixel_threshold, threshold_source, labelled = decide_thresholds(
-        extractor, spec, method, meta, args, masks_from)
+    labelled = decide_thresholds(detector, args, masks_from)
 
-    logger.info('scoring %d images (threshold %.3f from %s)', len(inputs), threshold, threshold_source)
-    fresh = score_images([p for p, _ in inputs if os.path.realpath(p) not in labelled],
-                         extractor, spec, method, args.batch_size, masks_from)
+    logger.info('scoring %d images (threshold %.3f from %s)', len(inputs), detector.threshold_,
+                detector.threshold_source_)
+    fresh_paths = [p for p, _ in inputs if os.path.realpath(p) not in labelled]
+    masks = ([image_utils.find_mask(p, *masks_from) for p in fresh_paths] if masks_from is not None else None)
+    fresh = detector.inspect(fresh_paths, masks)
     with contextlib.closing(fresh), plot_utils.FigureWriter() as figures:
-        results = report_images(inputs, labelled, fresh, threshold, pixel_threshold, args, figures)
+        results = report_images(inputs, labelled, fresh, detector, args, figures)
     if not results:
         raise ImageError('none of the input images could be read')
     logger.info('%d of %d images anomalous', sum(r['anomaly'] for r in results), len(results))
     if args.json:
-        report = {'model': spec.name, 'threshold': threshold, 'threshold_source': threshold_source,
-                  'pixel_threshold': pixel_threshold, 'images': results}
+        report = {'model': detector.spec.name, 'threshold': detector.threshold_,
+                  'threshold_source': detector.threshold_source_, 'pixel_threshold': detector.pixel_threshold_,
+                  'images': results}
         model_utils.atomic_write_bytes(args.json, json.dumps(report, indent=1).encode())
         logger.info('wrote %s', args.json)
     return results

@@ -28,10 +28,10 @@ from scipy.spatial.distance import mahalanobis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import anomaly_model  # noqa: E402
 import image_utils  # noqa: E402
 import mahalanobisad  # noqa: E402
 import model_utils  # noqa: E402
+from detector import Detector  # noqa: E402
 
 BOTTLE = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'mvtec', 'bottle')
 
@@ -114,11 +114,11 @@ def scaling(sizes, test_paths, feat, threshold, model_dir):
     return rows
 
 
-def fit_scaling(sizes, train_paths, extractor, spec, batch_size):
+def fit_scaling(sizes, train_paths, model_dir, batch_size):
     rows = []
     for count in sizes:
         start = time.perf_counter()
-        mahalanobisad.fit(train_paths[:count], extractor, spec, batch_size)
+        Detector(model_dir=model_dir, batch_size=batch_size).fit(train_paths[:count])
         rows.append({'train_images': count, 'fit_s': time.perf_counter() - start})
     return rows
 
@@ -146,9 +146,9 @@ def main():
         feat = os.path.join(folder, 'bottle.pkl')
         assert mahalanobisad.run(['-tr', args.train_dir, '-f', feat, '-i', test_paths[0], '-th', '0',
                                   '--no_figures', '--model_dir', args.model_dir]) == 0
-        meta, method = anomaly_model.load_feature_file(feat)
-        image_model = method.image_model
-        threshold = meta['holdout_thresholds']['image']
+        fitted = Detector.load(feat, model_dir=args.model_dir)
+        image_model = fitted.method_.image_model
+        threshold = fitted.threshold_
 
         result = {'inputs': len(paths)}
         result['decode'] = time_decode(paths, spec, args.batch_size)
@@ -163,7 +163,7 @@ def main():
                                         args.model_dir)
         if args.fit_sizes:
             result['fit_scaling'] = fit_scaling([int(n) for n in args.fit_sizes.split(',')], train_paths,
-                                                extractor, spec, args.batch_size)
+                                                args.model_dir, args.batch_size)
 
     print('stage | images/s')
     for key in ('decode', 'backbone', 'bound', 'e2e', 'peer'):

@@ -1,0 +1,438 @@
+"""The Detector: fit on good images, score new ones, decide verdicts, save and load.
+
+The one implementation of fitting, scoring and thresholds behind every front end (the CLI,
+evaluate.py, the benchmarks, and the video, watcher, web and export front ends):
+
+    detector = Detector(model='lite0', method='padim').fit(train_paths)
+    scores = detector.decision_function(test_paths)      # (N,) float, larger = more anomalous
+    verdicts = detector.predict(test_paths)              # (N,) int, 1 = anomaly
+    for result in detector.inspect(test_paths): ...      # score, verdict, map and view, lazily
+    detector.calibrate(test_paths, masks).save('bottle_padim.pkl')
+
+Where things happen: an image becomes a tensor in image_utils, a tensor feature maps in
+model_utils.FeatureExtractor, feature maps a score and a map in anomaly_model, a score a verdict
+here (the thresholds), and a verdict a figure in plot_utils.
+"""
+import dataclasses
+import functools
+import logging
+import os
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+import anomaly_model
+import image_utils
+import model_utils
+import plot_utils
+from anomaly_model import FeatureFileError
+from image_utils import ImageError
+
+logger = logging.getLogger('mahalanobisad')
+
+# Settings that change the features themselves: a feature file fitted with others cannot be used.
+FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names', 'method')
+# Settings of the fit: the CLI does not silently reuse a default-named feature file fitted with others.
+FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed', 'method_options')
+HOLDOUT_SOURCE = 'training hold-out'
+
+
+class UsageError(ValueError):
+    """Arguments that cannot work together; the message says what to change."""
+
+
+@dataclasses.dataclass
+class Inspection:
+    """What the detector made of one input, in input order.
+
+    index: position in the input iterable; path: the file given, or None for an array;
+    score: image anomaly score (larger = more anomalous); anomaly: score >= threshold;
+    view: the network's view of the image, RGB uint8 (S, S, 3), S = the backbone's input size;
+    anomaly_map: pixel anomaly scores (S, S) float32, or None for a method without maps;
+    gt_mask: ground truth (S, S) bool when a mask was given (None: no mask, i.e. normal);
+    error: why the input could not be read (then score, anomaly, view and map are None).
+    """
+    index: int
+    path: str = None
+    score: float = None
+    anomaly: bool = None
+    view: np.ndarray = None
+    anomaly_map: np.ndarray = None
+    gt_mask: np.ndarray = None
+    error: str = None
+
+
+def pixel_arrays(results):
+    """Ground truth and maps of inspected images, stacked: (masks (N, S, S) bool, maps (N, S, S)); an
+    image without a mask counts as defect-free."""
+    masks = np.stack([r.gt_mask if r.gt_mask is not None else np.zeros(r.view.shape[:2], bool) for r in results])
+    return masks, np.stack([r.anomaly_map for r in results])
+
+
+def check_settings(name, meta, settings, keys, what, hint):
+    """FeatureFileError naming every setting in `keys` where `meta` (a feature file's) and
+    `settings` (what is asked for now) differ."""
+    differences = [f'{k} {meta.get(k)!r} here {settings[k]!r}' for k in keys if meta.get(k) != settings[k]]
+    if differences:
+        raise FeatureFileError(f'{name} {what}: {"; ".join(differences)}; {hint}')
+
+
+@functools.lru_cache(maxsize=4)
+def _backbone(model, model_dir, model_url):
+    """(BackboneSpec, FeatureExtractor), opened once per process and shared by every Detector."""
+    spec, onnx_path = model_utils.resolve_model(model, model_dir, model_url)
+    extractor = model_utils.FeatureExtractor(onnx_path)
+    logger.info('model %s (%s, input %dx%d, %d feature levels)', spec.name, onnx_path,
+                spec.input_size, spec.input_size, len(extractor.output_names))
+    return spec, extractor
+
+
+def _paired(images, masks):
+    """(image, mask) pairs; masks None means no masks. Unequal lengths are a UsageError."""
+    if masks is None:
+        yield from ((image, None) for image in images)
+        return
+    try:
+        yield from zip(images, masks, strict=True)
+    except ValueError:
+        raise UsageError('images and masks differ in length') from None
+
+
+def _length(items):
+    try:
+        return len(items)
+    except TypeError:  # a generator: the progress bar counts without a total
+        return None
+
+
+class Detector:
+    """An anomaly detector on pretrained features: one backbone, one method, its thresholds.
+
+    Parameters: model ('lite0', 'lite1', 'lite2', 'b0'..'b7' or a path to an .onnx feature
+    extractor), method ('mahalanobis', 'padim', 'spade', 'patchcore'), model_dir (cache of ONNX
+    backbones), seed (augmentation, channel subsets, coresets, folds), batch_size (images per
+    backbone run), model_url (base URL of b0..b7 downloads), padim_dims, spade_k, coreset_ratio
+    (method options, as the CLI flags), aug_num (augmented views per training image; 0 = none).
+    The backbone is opened on first use, so constructing a Detector is cheap and offline.
+
+    Fitted attributes: method_ (the fitted anomaly_model.AnomalyMethod), meta_ (what produced it:
+    backbone, settings, n_train_images, held-out thresholds and scores), threshold_ (image score
+    threshold: anomalous if score >= threshold_), pixel_threshold_ (anomaly-map value from which a
+    pixel counts as defective; None without maps), threshold_source_ (where the threshold came from),
+    calibration_ (F1 figures of the last calibrate, or None).
+
+    images, everywhere: an iterable of file paths and/or RGB uint8 arrays (H, W, 3) of any size,
+    streamed through a bounded thread pool (memory flat in the number of images, decoding overlapped
+    with inference).
+    """
+
+    def __init__(self, model=model_utils.DEFAULT_MODEL, method='mahalanobis', model_dir='models', seed=0,
+                 batch_size=16, model_url=None, padim_dims=200, spade_k=50, coreset_ratio=0.1, aug_num=0):
+        if method not in anomaly_model.METHODS:
+            raise UsageError(f'unknown method {method!r}: choose one of {", ".join(anomaly_model.METHODS)}')
+        for name, value, lowest in (('seed', seed, 0), ('batch_size', batch_size, 1), ('padim_dims', padim_dims, 1),
+                                    ('spade_k', spade_k, 1), ('aug_num', aug_num, 0)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lowest:
+                raise UsageError(f'{name} must be an integer >= {lowest}, got {value!r}')
+        if not 0 < coreset_ratio <= 1:
+            raise UsageError(f'coreset_ratio must be in (0, 1], got {coreset_ratio!r}')
+        self.model, self.method, self.model_dir, self.model_url = model, method, model_dir, model_url
+        self.seed, self.batch_size, self.aug_num = int(seed), int(batch_size), int(aug_num)
+        self.padim_dims, self.spade_k, self.coreset_ratio = int(padim_dims), int(spade_k), float(coreset_ratio)
+        self.method_ = self.meta_ = self.calibration_ = None
+        self.threshold_ = self.pixel_threshold_ = self.threshold_source_ = None
+
+    # ------------------------------------------------------------------------------------------
+    # backbone and settings
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def spec(self):
+        """The backbone's model_utils.BackboneSpec (input size, normalisation)."""
+        return _backbone(self.model, self.model_dir, self.model_url)[0]
+
+    @property
+    def extractor(self):
+        """The backbone: model_utils.FeatureExtractor, (N, 3, S, S) float32 -> feature maps."""
+        return _backbone(self.model, self.model_dir, self.model_url)[1]
+
+    @property
+    def localizes(self):
+        """Whether the fitted method draws anomaly maps."""
+        return bool(self.method_ is not None and self.method_.localizes)
+
+    def _new_method(self):
+        return anomaly_model.make_method(self.method, self.padim_dims, self.spade_k, self.coreset_ratio, self.seed)
+
+    def settings(self):
+        """What a feature file records of how it was produced (FEATURE_SETTINGS, and FIT_SETTINGS
+        but train_dir)."""
+        spec = self.spec
+        return {'backbone': spec.name, 'input_size': spec.input_size, 'resize_size': spec.resize_size,
+                'mean': list(spec.mean), 'std': list(spec.std), 'feature_names': self.extractor.output_names,
+                'method': self.method, 'method_options': dict(self._new_method().params),
+                'aug': self.aug_num > 0, 'aug_num': self.aug_num, 'seed': self.seed}
+
+    # ------------------------------------------------------------------------------------------
+    # image -> network view (the items of `images`)
+    # ------------------------------------------------------------------------------------------
+
+    def _view(self, image):
+        """A path or an RGB uint8 array -> (network view (S, S, 3) uint8 RGB, original (H, W))."""
+        spec = self.spec
+        if isinstance(image, np.ndarray):
+            image = image_utils.check_rgb_array(image)
+            return image_utils.network_view(image, spec.resize_size, spec.input_size), image.shape[:2]
+        return image_utils.load_view(os.fspath(image), spec.resize_size, spec.input_size)
+
+    def _views_for_fit(self, index, image):
+        """All views of one training image (decoded once): the plain one, then aug_num augmented ones."""
+        spec = self.spec
+        if not self.aug_num:
+            return [self._view(image)[0]]
+        image = image_utils.check_rgb_array(image) if isinstance(image, np.ndarray) else image_utils.load_image(image)
+        views = [image_utils.network_view(image, spec.resize_size, spec.input_size)]
+        for copy in range(1, 1 + self.aug_num):  # seeded per (image, copy): the same views whatever the thread order
+            rng = np.random.default_rng([self.seed, index, copy])
+            views.append(image_utils.augment(image, rng, spec.resize_size, spec.input_size))
+        return views
+
+    def _mask_view(self, mask, image_shape):
+        """A mask path or bool array of the image's size -> (S, S) bool in the network's geometry."""
+        spec = self.spec
+        try:
+            mask = (image_utils.load_mask(os.fspath(mask), image_shape) if not isinstance(mask, np.ndarray)
+                    else image_utils.check_mask_array(mask, image_shape))
+        except ImageError as e:  # broken ground truth would bias the thresholds: stop
+            raise UsageError(f'ground truth unusable: {e}') from None
+        return image_utils.mask_view(mask, spec.resize_size, spec.input_size)
+
+    def _tensors(self, views):
+        spec = self.spec
+        return np.stack([image_utils.to_tensor(view, spec.mean, spec.std) for view in views])
+
+    # ------------------------------------------------------------------------------------------
+    # fit
+    # ------------------------------------------------------------------------------------------
+
+    def fit(self, images, source=None):
+        """Fit the method on good images (plus aug_num augmented views of each) -> self.
+
+        Unreadable images are skipped with a warning; at least 2 must be readable. Also computes
+        held-out scores of the training images (k-fold) and sets threshold_ / pixel_threshold_ from
+        them. source: what the images are (the CLI passes the training directory), recorded in meta_.
+        """
+        spec, extractor, method = self.spec, self.extractor, self._new_method()
+        batches, groups = [], []
+        with tqdm(total=_length(images), desc='fit: features', unit='img') as progress, \
+                threadpool_limits(1, 'blas'):
+            for batch in image_utils.stream(enumerate(images), lambda item: self._views_for_fit(*item),
+                                            self.batch_size):
+                progress.update(len(batch))
+                views = []
+                for (index, _), loaded in batch:
+                    if isinstance(loaded, ImageError):
+                        logger.warning('skipping training image: %s', loaded)
+                        continue
+                    views += loaded
+                    groups += [index] * len(loaded)
+                for start in range(0, len(views), self.batch_size):
+                    feature_maps = extractor(self._tensors(views[start:start + self.batch_size]))
+                    if not batches:
+                        self._configure(method, feature_maps)
+                    batches.append(method.features(feature_maps))
+        n_images = len(set(groups))
+        if n_images < 2:
+            raise UsageError(f'need at least 2 readable training images, found {n_images}')
+        train_features = anomaly_model.concatenate_features(batches)
+        logger.info('fitting %s on %d views of %d images', method.name, len(groups), n_images)
+        method.fit(train_features)
+        image_scores, pixel_max = anomaly_model.holdout_scores(method, train_features, np.array(groups),
+                                                               spec.input_size, seed=self.seed)
+        self.method_ = method
+        self.meta_ = dict(self.settings(), model=self.model, train_dir=source, n_train_images=n_images,
+                          holdout_thresholds={'image': float(image_scores.max()), 'pixel': pixel_max},
+                          holdout_scores=[float(s) for s in image_scores])
+        self.calibration_ = None
+        self.use_holdout_thresholds(log=False)
+        return self
+
+    def _configure(self, method, feature_maps):
+        """Fit `method` to this backbone's outputs; warn once if it cannot draw maps."""
+        method.configure([m.shape[1:] for m in feature_maps], self.spec.input_size)
+        if not method.localizes:
+            sizes = ', '.join(f'{m.shape[-1]}x{m.shape[-2]}' for m in feature_maps)
+            logger.warning('%s has no feature maps of stride 4..16 (its outputs are %s): image-level scores only, '
+                           'no heat maps', self.spec.name, sizes)
+
+    def _check_fitted(self):
+        if self.method_ is None:
+            raise UsageError('this Detector is not fitted: call fit(images) or Detector.load(path) first')
+
+    # ------------------------------------------------------------------------------------------
+    # score
+    # ------------------------------------------------------------------------------------------
+
+    def inspect(self, images, masks=None, desc='score'):
+        """Yield an Inspection per input, lazily and in input order (see Inspection for the fields).
+
+        masks: optional iterable aligned with `images`, each None (a normal image), a mask file
+        (any non-zero pixel is defect) or a bool array of the image's (H, W); attached as gt_mask.
+        An unreadable image gives an Inspection with `error` set (and a logged warning), so indices
+        stay aligned. desc: progress bar label, None for no bar.
+        """
+        self._check_fitted()
+        spec, extractor, method = self.spec, self.extractor, self.method_
+        entries = enumerate(_paired(images, masks))
+
+        def load(entry):
+            _, (image, mask) = entry
+            view, image_shape = self._view(image)
+            return view, None if mask is None else self._mask_view(mask, image_shape)
+
+        # Scoring arithmetic stays on this thread: BLAS helper threads would compete with the decoders.
+        with tqdm(total=_length(images), desc=desc, unit='img', leave=False, disable=desc is None) as progress, \
+                threadpool_limits(1, 'blas'):
+            for batch in image_utils.stream(entries, load, self.batch_size):
+                progress.update(len(batch))
+                good = [(index, loaded) for (index, _), loaded in batch if not isinstance(loaded, ImageError)]
+                scored = {}
+                if good:
+                    views = [view for _, (view, _) in good]
+                    scores, maps = method.score(method.features(extractor(self._tensors(views))), spec.input_size)
+                    scored = {index: (float(score), view, None if maps is None else maps[i], gt_mask)
+                              for i, ((index, (view, gt_mask)), score) in enumerate(zip(good, scores))}
+                for (index, (image, _)), loaded in batch:
+                    path = None if isinstance(image, np.ndarray) else os.fspath(image)
+                    if isinstance(loaded, ImageError):
+                        logger.warning('skipping: %s', loaded)
+                        yield Inspection(index, path, error=str(loaded))
+                        continue
+                    score, view, anomaly_map, gt_mask = scored[index]
+                    yield Inspection(index, path, score, bool(score >= self.threshold_), view, anomaly_map, gt_mask)
+
+    def decision_function(self, images):
+        """Image anomaly scores -> (N,) float64, larger = more anomalous (PyOD's convention).
+        Raises ImageError on the first unreadable image (inspect() reports them per item)."""
+        scores = []
+        for result in self.inspect(images):
+            if result.error:
+                raise ImageError(result.error)
+            scores.append(result.score)
+        return np.array(scores, np.float64)
+
+    def predict(self, images):
+        """Verdicts -> (N,) int: 1 = anomaly (score >= threshold_), 0 = normal."""
+        self._check_fitted()
+        return (self.decision_function(images) >= self.threshold_).astype(int)
+
+    # ------------------------------------------------------------------------------------------
+    # thresholds
+    # ------------------------------------------------------------------------------------------
+
+    def set_threshold(self, threshold, source, pixel_threshold=None):
+        """Set the image threshold (and, if given, the pixel threshold) by hand; source: why, for logs and files."""
+        self._check_fitted()
+        threshold = float(threshold)
+        if not np.isfinite(threshold):
+            raise UsageError(f'threshold must be a finite number, got {threshold}')
+        self.threshold_, self.threshold_source_ = threshold, source
+        if pixel_threshold is not None:
+            self.pixel_threshold_ = float(pixel_threshold)
+        logger.info('image threshold %.3f from %s', threshold, source)
+        return self
+
+    def use_holdout_thresholds(self, image=True, pixel=True, log=True):
+        """Thresholds from the training hold-out: the largest held-out image score (and pixel score)."""
+        holdout = self.meta_['holdout_thresholds']
+        if image:
+            self.threshold_, self.threshold_source_ = holdout['image'], HOLDOUT_SOURCE
+            if log:
+                logger.info('image threshold %.3f: the largest score of held-out training images', self.threshold_)
+        if pixel:
+            self.pixel_threshold_ = holdout['pixel'] if self.localizes else None
+            if log and self.localizes:
+                logger.info('pixel threshold %.3f: the largest pixel score of held-out training images',
+                            self.pixel_threshold_)
+        return self
+
+    def calibrate(self, images, masks, source=None):
+        """F1-optimal image and pixel thresholds from labelled images -> self.
+
+        masks: aligned with `images`, None for a normal image, else its mask (path or bool (H, W)
+        array; an all-zero mask is a normal image). Needs normal and anomalous images; without both,
+        a warning and the training hold-out thresholds (never a threshold from one class).
+        """
+        n = _length(images)
+        results = [r for r in self.inspect(images, masks, desc='threshold: labelled images') if not r.error]
+        return self.calibrate_results(results, source or f'{n if n is not None else len(results)} labelled images')
+
+    def calibrate_results(self, results, source='labelled images'):
+        """`calibrate` on already inspected images (Inspection with gt_mask) -> self."""
+        self._check_fitted()
+        results = [r for r in results if r.error is None]
+        labels = np.array([r.gt_mask is not None and bool(r.gt_mask.any()) for r in results], bool)
+        self.calibration_ = None
+        if not labels.any() or labels.all():
+            logger.warning('%s has %s: cannot derive an F1-optimal threshold', source,
+                           'no defect masks' if not labels.any() else 'no normal images')
+            return self.use_holdout_thresholds()
+        threshold, f1 = anomaly_model.f1_optimal_threshold(labels, [r.score for r in results])
+        self.threshold_, self.threshold_source_ = threshold, f'F1-optimal on {source}'
+        self.calibration_ = {'image_f1': f1, 'n_images': len(results), 'n_anomalous': int(labels.sum())}
+        logger.info('image threshold %.3f maximises F1 (%.3f) on %d labelled images (%d anomalous)',
+                    threshold, f1, len(results), labels.sum())
+        if self.localizes:
+            self.pixel_threshold_, pixel_f1 = anomaly_model.f1_optimal_threshold(*pixel_arrays(results))
+            self.calibration_['pixel_f1'] = pixel_f1
+            logger.info('pixel threshold %.3f maximises pixel F1 (%.3f)', self.pixel_threshold_, pixel_f1)
+        else:
+            self.use_holdout_thresholds(image=False)
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # figures, saving and loading
+    # ------------------------------------------------------------------------------------------
+
+    def render_figure(self, result, title=''):
+        """The four-panel figure of an Inspection with this detector's thresholds -> BGR uint8 image."""
+        return plot_utils.render_figure(result.view, result.gt_mask, result.anomaly_map, result.score,
+                                        self.threshold_, self.pixel_threshold_, title=title)
+
+    def save(self, path):
+        """Write the fitted state, its settings and the current thresholds to the feature file `path`
+        (an .npz archive, written atomically; loading it cannot execute code)."""
+        self._check_fitted()
+        meta = dict(self.meta_, thresholds={'image': self.threshold_, 'pixel': self.pixel_threshold_,
+                                            'source': self.threshold_source_})
+        anomaly_model.save_feature_file(path, meta, self.method_)
+        return self
+
+    @classmethod
+    def load(cls, path, model=None, method=None, model_dir='models', model_url=None, batch_size=16):
+        """A fitted Detector from a feature file, with the thresholds stored in it.
+
+        model: the backbone to run (default: the one the file names); model / method given here must
+        match what the file was fitted with (FeatureFileError saying what differs, otherwise).
+        """
+        meta, fitted = anomaly_model.load_feature_file(path)
+        if model is None:
+            model = meta.get('model') or next((key for key, spec in model_utils.MODEL_CATALOGUE.items()
+                                               if spec.name == meta.get('backbone')), None)
+            if model is None:
+                raise FeatureFileError(f'{path} was fitted on {meta.get("backbone")!r}: pass the model it used')
+        options = meta.get('method_options', {})
+        detector = cls(model, method or meta['method'], model_dir, meta.get('seed', 0), batch_size, model_url,
+                       padim_dims=options.get('dims', 200), spade_k=options.get('k', 50),
+                       coreset_ratio=options.get('coreset_ratio', 0.1), aug_num=meta.get('aug_num', 0))
+        check_settings(path, meta, detector.settings(), FEATURE_SETTINGS,
+                       'cannot be used with this backbone and method', 'pass --feat with a new file name to fit one')
+        detector.method_, detector.meta_ = fitted, meta
+        stored = meta.get('thresholds')
+        if stored and stored.get('image') is not None:
+            detector.threshold_, detector.threshold_source_ = stored['image'], stored['source']
+            detector.pixel_threshold_ = stored['pixel'] if detector.localizes else None
+        else:
+            detector.use_holdout_thresholds(log=False)
+        return detector
