@@ -19,7 +19,7 @@ given input size all of it is fixed index and weight tables (tests/test_export.p
 pixel for pixel against cv2 for shrinking, integer and enlarging sizes). Everything after the view
 is float32 arithmetic in another order than NumPy's, so scores agree to about 1e-6 relative.
 """
-import logging
+import json
 import math
 
 import cv2
@@ -29,17 +29,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import anomaly_model
 import image_utils
-from model_utils import atomic_write_bytes, expose_spatial_outputs
-
-logger = logging.getLogger(__name__)
+from model_utils import ModelError, atomic_write_bytes, expose_spatial_outputs
 
 MIN_OPSET = 13          # ReduceSum's axes as an input, Squeeze/Unsqueeze axes as inputs
 BANK_CHUNK = 4096       # PatchCore: bank rows per distance block (peak memory: N x P x BANK_CHUNK floats)
 RESIZE_COEF_BITS = 11   # OpenCV's INTER_RESIZE_COEF_BITS (fixed-point INTER_LINEAR on uint8)
-
-
-class ExportError(ValueError):
-    """The detector cannot be exported as asked; the message says why."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +241,7 @@ def _add_backbone(g, backbone, x):
         copy.output.extend(rename(o) for o in node.output)
         copy.name = prefix + node.name if node.name else ''
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise ExportError('backbones with subgraphs (If/Loop/Scan) cannot be inlined')
+            raise ModelError('cannot export a backbone with subgraphs (If/Loop/Scan)')
         g.nodes.append(copy)
     return [rename(o.name) for o in graph.output]
 
@@ -441,7 +435,7 @@ def _load_backbone(onnx_path):
         from onnx import version_converter
         model = version_converter.convert_version(model, MIN_OPSET)
     if any(o.domain not in ('', 'ai.onnx') for o in model.opset_import):
-        raise ExportError('backbones using non-standard operator domains cannot be exported')
+        raise ModelError('cannot export a backbone with operators outside the standard ONNX domain')
     return model
 
 
@@ -502,3 +496,22 @@ def save_model(model, path):
     data = model.SerializeToString()
     atomic_write_bytes(path, data)
     return len(data)
+
+
+def export_detector(detector, path, size, version):
+    """Write the model of a fitted detector.Detector for images of size (width, height) to `path`
+    (atomically) -> bytes written. metadata_props (text): the thresholds and their source, backbone,
+    method and options, input and export sizes, training set, the tool's version (README: Deploying)."""
+    spec, extractor, meta = detector.spec, detector.extractor, detector.meta_
+    probe = np.zeros((1, 3, spec.input_size, spec.input_size), np.float32)
+    shapes = [m.shape[1:] for m in extractor(probe)]
+    metadata = {'threshold': repr(float(detector.threshold_)), 'threshold_source': detector.threshold_source_,
+                'backbone': spec.name, 'model': meta.get('model', ''), 'method': detector.method_.name,
+                'method_options': json.dumps(meta.get('method_options', {}), sort_keys=True),
+                'input_size': spec.input_size, 'resize_size': spec.resize_size,
+                'image_width': size[0], 'image_height': size[1], 'n_train_images': meta.get('n_train_images', ''),
+                'train_dir': meta.get('train_dir') or '', 'tool': 'mahalanobisad', 'version': version}
+    if detector.pixel_threshold_ is not None:
+        metadata['pixel_threshold'] = repr(float(detector.pixel_threshold_))
+    model = build_model(spec, extractor.onnx_path, detector.method_, shapes, size, detector.threshold_, metadata)
+    return save_model(model, path)

@@ -17,7 +17,7 @@ import anomaly_model
 import export_onnx
 import image_utils
 import mahalanobisad
-import model_utils
+from detector import Detector
 from tests.conftest import REPO
 
 NODE_DIR = os.path.join(REPO, 'deploy', 'node')
@@ -51,18 +51,14 @@ def test_smoothing_matrix_equals_upsample_and_smooth():
     np.testing.assert_allclose(k @ grids @ k.T, anomaly_model.upsample_and_smooth(grids, 224), rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope='module')
-def backbone(model_dir):
-    spec, onnx_path = model_utils.resolve_model('lite0', model_dir)
-    return spec, onnx_path, model_utils.FeatureExtractor(onnx_path)
+OPTIONS = {'padim_dims': 60, 'spade_k': 4, 'coreset_ratio': 0.2}
 
 
 @pytest.fixture(scope='module')
-def train_maps(backbone, small_train):
-    spec, _, extractor = backbone
-    views = [image_utils.load_view(p, spec.resize_size, spec.input_size)[0]
-             for p in image_utils.list_images(small_train)]
-    return extractor(np.stack([image_utils.to_tensor(v, spec.mean, spec.std) for v in views]))
+def fitted(small_train, model_dir):
+    """One fitted detector per method."""
+    paths = image_utils.list_images(small_train)
+    return {name: Detector(method=name, model_dir=model_dir, **OPTIONS).fit(paths) for name in anomaly_model.METHODS}
 
 
 @pytest.fixture(scope='module')
@@ -80,22 +76,6 @@ def sized_inputs(tmp_path_factory):
     return inputs
 
 
-def fitted(name, backbone, train_maps):
-    spec, _, _ = backbone
-    method = anomaly_model.make_method(name, padim_dims=60, spade_k=4, coreset_ratio=0.2)
-    mahalanobisad.configure(method, train_maps, spec)
-    return method.fit(method.features(train_maps))
-
-
-def export(method, backbone, train_maps, size, threshold, path):
-    spec, onnx_path, _ = backbone
-    shapes = [m.shape[1:] for m in train_maps]
-    model = export_onnx.build_model(spec, onnx_path, method, shapes, size, threshold,
-                                    {'method': method.name, 'threshold': threshold})
-    export_onnx.save_model(model, str(path))
-    return str(path)
-
-
 def run_model(path, paths):
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     outputs = session.run(None, {'image': np.stack([image_utils.load_image(p) for p in paths])})
@@ -103,29 +83,31 @@ def run_model(path, paths):
 
 
 @pytest.mark.parametrize('name', list(anomaly_model.METHODS))
-def test_exported_model_scores_like_the_tool(name, backbone, train_maps, sized_inputs, tmp_path, monkeypatch):
-    spec, _, extractor = backbone
+def test_exported_model_scores_like_the_tool(name, fitted, sized_inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(export_onnx, 'BANK_CHUNK', 500)  # PatchCore: a bank of ~1900 rows in 4 blocks
-    method = fitted(name, backbone, train_maps)
+    detector = fitted[name]
     for size, paths in sized_inputs.items():
-        tool = list(mahalanobisad.score_images(paths, extractor, spec, method))
+        tool = list(detector.inspect(paths))
         scores = np.array([t.score for t in tool])
-        threshold = float(np.median(scores))  # half the images on each side of it
-        out = run_model(export(method, backbone, train_maps, size, threshold, tmp_path / f'{name}.onnx'), paths)
+        detector.set_threshold(float(np.median(scores)), 'test')  # half the images on each side of it
+        path = str(tmp_path / f'{name}.onnx')
+        detector.export(path, size)
+        out = run_model(path, paths)
         assert out['score'].dtype == np.float32 and out['score'].shape == (len(paths),)
         np.testing.assert_allclose(out['score'], scores, rtol=1e-4)
-        near = np.abs(scores - threshold) <= 1e-4 * abs(threshold)
-        np.testing.assert_array_equal(out['anomaly'][~near], (scores >= threshold)[~near])
+        near = np.abs(scores - detector.threshold_) <= 1e-4 * abs(detector.threshold_)
+        np.testing.assert_array_equal(out['anomaly'][~near], (scores >= detector.threshold_)[~near])
         maps = np.stack([t.anomaly_map for t in tool])
         assert out['anomaly_map'].shape == maps.shape == (len(paths), 224, 224)
         np.testing.assert_allclose(out['anomaly_map'], maps, atol=1e-3 * np.abs(maps).max())
 
 
 @pytest.fixture(scope='module')
-def padim_export(backbone, train_maps, tmp_path_factory):
-    """A PaDiM model for the sample's 256 x 256 images and its scores in this process."""
-    method = fitted('padim', backbone, train_maps)
-    path = export(method, backbone, train_maps, (256, 256), 100.0, tmp_path_factory.mktemp('padim') / 'padim.onnx')
+def padim_export(fitted, tmp_path_factory):
+    """A PaDiM model for the sample's 256 x 256 images (the training images' size, the default) and
+    its scores in this process."""
+    path = str(tmp_path_factory.mktemp('padim') / 'padim.onnx')
+    fitted['padim'].set_threshold(100.0, 'test').export(path)
     return path, run_model(path, SAMPLE)['score']
 
 
@@ -165,9 +147,50 @@ def test_metadata_and_contract(padim_export):
     path, _ = padim_export
     model = onnx.load(path)
     props = {p.key: p.value for p in model.metadata_props}
-    assert props['method'] == 'padim' and float(props['threshold']) == 100.0
+    assert props['method'] == 'padim' and float(props['threshold']) == 100.0 and props['threshold_source'] == 'test'
+    assert (props['image_width'], props['image_height'], props['input_size']) == ('256', '256', '224')
+    assert props['backbone'] == 'efficientnet-lite0' and props['n_train_images'] == '12'
+    assert float(props['pixel_threshold']) > 0 and props['version']
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     assert [(i.name, i.type, i.shape[1:]) for i in session.get_inputs()] == [('image', 'tensor(uint8)', [256, 256, 3])]
     assert [o.name for o in session.get_outputs()] == ['score', 'anomaly_map', 'anomaly']
     with pytest.raises(Exception, match='dimensions'):
         session.run(None, {'image': np.zeros((1, 300, 256, 3), np.uint8)})
+
+
+def test_cli_export_fits_decides_thresholds_exports_and_scores_nothing(tmp_path, small_train, model_dir):
+    model, feat, report = str(tmp_path / 'line3.onnx'), str(tmp_path / 'f.pkl'), str(tmp_path / 'r.json')
+    labelled = ['--test_dir', os.path.join(REPO, 'images'), '--gt_dir', os.path.join(REPO, 'gt_masks')]
+    assert mahalanobisad.run(['-tr', small_train, '--method', 'padim', '--padim_dims', '60', '-f', feat, *labelled,
+                              '--export', model, '--model_dir', model_dir, '-s', str(tmp_path / 'out')]) == 0
+    assert sorted(os.listdir(tmp_path)) == ['f.pkl', 'line3.onnx']  # no figures, no JSON
+    props = {p.key: p.value for p in onnx.load(model).metadata_props}
+    assert props['threshold_source'].startswith('F1-optimal') and props['image_width'] == '256'
+    assert mahalanobisad.run(['-tr', small_train, '--method', 'padim', '-f', feat, *labelled, '-i', SAMPLE[0],
+                              '--no_figures', '--json', report, '--model_dir', model_dir]) == 0
+    with open(report) as f:
+        assert float(props['threshold']) == json.load(f)['threshold']  # what the CLI decides, it exports
+    # reusing the feature file: another export size, and scoring when -i is given
+    assert mahalanobisad.run(['-tr', small_train, '--method', 'padim', '-f', feat, '--threshold', props['threshold'],
+                              '--export', model, '--export_size', '300', '200', '-i', SAMPLE[0], '--no_figures',
+                              '--json', report, '--model_dir', model_dir]) == 0
+    session = ort.InferenceSession(model, providers=['CPUExecutionProvider'])
+    assert session.get_inputs()[0].shape[1:] == [200, 300, 3]
+    with open(report) as f:
+        assert [r['path'] for r in json.load(f)['images']] == [SAMPLE[0]]
+
+
+def test_cli_export_errors_are_one_line(tmp_path, small_train, model_dir, capsys):
+    mixed = tmp_path / 'mixed'
+    shutil.copytree(small_train, mixed)
+    cv2.imwrite(str(mixed / 'wide.png'), cv2.resize(cv2.imread(SAMPLE[0]), (300, 256)))
+    common = ['--method', 'padim', '--padim_dims', '20', '--model_dir', model_dir, '--threshold', '1']
+    for argv, message in [
+        (['-tr', str(mixed), '-f', str(tmp_path / 'm.pkl'), '--export', str(tmp_path / 'm.onnx')],
+         'the training images differ in size: give the size of the images to score (--export_size W H)'),
+        (['-tr', small_train, '-f', str(tmp_path / 'm.pkl'), '--export_size', '256', '256'],
+         '--export_size needs --export PATH'),
+    ]:
+        assert mahalanobisad.run(argv + common) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f'mahalanobisad.py: error: {message}'
+    assert not os.path.exists(tmp_path / 'm.onnx')
