@@ -89,11 +89,10 @@ def resize_plan(height, width, resize_size):
     """What image_utils.resize_short_side does to an (height, width) image: ('none' | 'area' |
     'area_integer' | 'linear', (new_height, new_width)), with OpenCV's own test for an integer
     ratio (1 / (dsize / ssize) within DBL_EPSILON of an integer)."""
-    scale = resize_size / min(height, width)
-    new_w, new_h = max(resize_size, int(round(width * scale))), max(resize_size, int(round(height * scale)))
+    new_h, new_w = image_utils.short_side_shape(height, width, resize_size)
     if (new_h, new_w) == (height, width):
         return 'none', (new_h, new_w)
-    if scale >= 1:
+    if resize_size > min(height, width):  # resize_short_side: INTER_LINEAR when enlarging
         return 'linear', (new_h, new_w)
     ratios = [1.0 / (new / old) for new, old in ((new_w, width), (new_h, height))]
     integer = all(abs(r - int(r)) < np.finfo(float).eps for r in ratios)

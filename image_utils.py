@@ -152,11 +152,17 @@ def find_mask(image_path, test_dir, gt_dir):
     return None
 
 
+def short_side_shape(height, width, size):
+    """(height, width) of an image of this shape once its shorter side is resized to `size`."""
+    scale = size / min(height, width)
+    return max(size, int(round(height * scale))), max(size, int(round(width * scale)))
+
+
 def resize_short_side(image, size, interpolation=None):
     """Resize so that the shorter side is `size` pixels, keeping the aspect ratio."""
     h, w = image.shape[:2]
     scale = size / min(h, w)
-    new_w, new_h = max(size, int(round(w * scale))), max(size, int(round(h * scale)))
+    new_h, new_w = short_side_shape(h, w, size)
     if (new_h, new_w) == (h, w):
         return image
     if interpolation is None:  # INTER_AREA is the alias-free choice when shrinking
