@@ -222,7 +222,8 @@ def _add_backbone(g, backbone, x):
     -> names of its outputs, each (N, C, h, w)."""
     prefix = 'backbone/'
     graph = backbone.graph
-    input_name = graph.input[0].name
+    initializers = {i.name for i in graph.initializer}  # old IRs list initializers among the inputs too
+    input_name = next(i.name for i in graph.input if i.name not in initializers)
 
     def rename(name):
         return x if name == input_name else (prefix + name if name else name)
@@ -442,8 +443,8 @@ def build_model(spec, onnx_path, method, feature_shapes, image_size, threshold, 
     """The whole detector as an onnx.ModelProto.
 
     spec: model_utils.BackboneSpec; onnx_path: its ONNX file; method: a fitted
-    anomaly_model.AnomalyMethod; feature_shapes: (C, h, w) of each backbone output at
-    spec.input_size; image_size: (width, height) of the graph's input; threshold: the image
+    anomaly_model.AnomalyMethod; feature_shapes: each backbone output's shape at spec.input_size
+    without the batch axis, (C, h, w) or (C,) for a pooled output; image_size: (width, height) of the graph's input; threshold: the image
     threshold of the `anomaly` output; metadata: {key: value} stored as metadata_props (as text).
     """
     width, height = image_size
@@ -503,7 +504,7 @@ def export_detector(detector, path, size, version):
     method and options, input and export sizes, training set, the tool's version (README: Deploying)."""
     spec, extractor, meta = detector.spec, detector.extractor, detector.meta_
     probe = np.zeros((1, 3, spec.input_size, spec.input_size), np.float32)
-    shapes = [m.shape[1:] for m in extractor(probe)]
+    shapes = [m.shape[1:] for m in extractor.session.run(extractor.output_names, {extractor.input_name: probe})]
     metadata = {'threshold': repr(float(detector.threshold_)), 'threshold_source': detector.threshold_source_,
                 'backbone': spec.name, 'model': meta.get('model', ''), 'method': detector.method_.name,
                 'method_options': json.dumps(meta.get('method_options', {}), sort_keys=True),

@@ -194,3 +194,40 @@ def test_cli_export_errors_are_one_line(tmp_path, small_train, model_dir, capsys
         assert mahalanobisad.run(argv + common) == 1
         assert capsys.readouterr().err.strip().splitlines()[-1] == f'mahalanobisad.py: error: {message}'
     assert not os.path.exists(tmp_path / 'm.onnx')
+
+
+def small_backbone(path):
+    """A user's ONNX backbone at opset 11 whose outputs are pooled: a stride-8 map, a GlobalAveragePool
+    of a stride-16 map (rewritten to the map when opened) and a GlobalMaxPool (kept as (N, C))."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    weights = {'w1': rng.standard_normal((8, 3, 8, 8)) * 0.05, 'w2': rng.standard_normal((12, 8, 2, 2)) * 0.2}
+    nodes = [helper.make_node('Conv', ['input', 'w1'], ['c1'], strides=[8, 8]),
+             helper.make_node('Relu', ['c1'], ['stride8']),
+             helper.make_node('Conv', ['stride8', 'w2'], ['c2'], strides=[2, 2]),
+             helper.make_node('Relu', ['c2'], ['stride16']),
+             helper.make_node('GlobalAveragePool', ['stride16'], ['gap']),
+             helper.make_node('Flatten', ['gap'], ['pooled']),
+             helper.make_node('GlobalMaxPool', ['stride16'], ['gmp']),
+             helper.make_node('Flatten', ['gmp'], ['max_pooled'])]
+    graph = helper.make_graph(
+        nodes, 'small', [helper.make_tensor_value_info('input', TensorProto.FLOAT, ['N', 3, 224, 224])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ('stride8', 'pooled', 'max_pooled')],
+        [numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 11)])
+    model.ir_version = 6
+    onnx.save(model, path)
+    return path
+
+
+def test_a_users_pooled_opset11_backbone_exports(tmp_path, small_train):
+    backbone = small_backbone(str(tmp_path / 'small.onnx'))
+    detector = Detector(model=backbone, method='mahalanobis').fit(image_utils.list_images(small_train))
+    assert detector.localizes  # the rewritten pooled output gives the stride-16 map
+    paths = SAMPLE[::4]
+    tool = list(detector.inspect(paths))
+    detector.export(str(tmp_path / 'm.onnx'))
+    out = run_model(str(tmp_path / 'm.onnx'), paths)
+    np.testing.assert_allclose(out['score'], [t.score for t in tool], rtol=1e-4)
+    maps = np.stack([t.anomaly_map for t in tool])
+    np.testing.assert_allclose(out['anomaly_map'], maps, atol=1e-3 * np.abs(maps).max())
