@@ -3,8 +3,9 @@
     python3 benchmarks/export_check.py --data_path ../shared/data/mvtec --work_dir export_runs
 
 Per category and method, in one run:
-1. `mahalanobisad.py -tr train --test_dir test --gt_dir ground_truth --export M.onnx` (fit, F1-optimal
-   thresholds from the labelled test set, export; the feature file is kept in --work_dir and reused);
+1. `mahalanobisad.py -tr train --test_dir test --gt_dir ground_truth --export M.onnx --export_size W H`
+   (fit, F1-optimal thresholds from the labelled test set, export for the test images' size; the
+   feature file is kept in --work_dir and reused);
 2. `mahalanobisad.py -i test --threshold T --json` with the exported threshold T, timed in-process
    (backbone opening included, figures off): the tool's scores and its images/s;
 3. the exported model in plain onnxruntime (default session options) on the same images decoded in
@@ -26,6 +27,7 @@ import onnxruntime as ort
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import anomaly_model  # noqa: E402
+import image_utils  # noqa: E402
 import mahalanobisad  # noqa: E402
 
 
@@ -39,7 +41,9 @@ def check(category, method, args):
     feat = os.path.join(args.work_dir, f'{category}_{method}.pkl')
     model = os.path.join(args.work_dir, f'{category}_{method}.onnx')
     common = ['-tr', os.path.join(folder, 'train'), '--method', method, '-f', feat, '--model_dir', args.model_dir]
-    assert mahalanobisad.run(common + ['--test_dir', test, '--gt_dir', gt, '--export', model]) == 0
+    height, width = cv2.imread(image_utils.list_images(test)[0]).shape[:2]  # MVTec copies: train and test sizes differ
+    assert mahalanobisad.run(common + ['--test_dir', test, '--gt_dir', gt, '--export', model,
+                                       '--export_size', str(width), str(height)]) == 0
     threshold = {p.key: p.value for p in onnx.load(model).metadata_props}['threshold']
 
     report = os.path.join(args.work_dir, f'{category}_{method}.json')
