@@ -83,14 +83,18 @@ def _bilinear_matrix(size, grid):
     return matrix
 
 
+def resampling_matrix(size, grid):
+    """(size, grid) float32 matrix resampling a length-`size` axis to `grid`: area average when
+    shrinking, bilinear when enlarging."""
+    return _pooling_matrix(size, grid) if size > grid else _bilinear_matrix(size, grid)
+
+
 def resample(maps, grid):
     """(N, C, h, w) -> (N, C, grid, grid): area average when shrinking, bilinear when enlarging."""
     h, w = maps.shape[-2:]
     if (h, w) == (grid, grid):
         return maps
-    rows = _pooling_matrix(h, grid) if h > grid else _bilinear_matrix(h, grid)
-    columns = _pooling_matrix(w, grid) if w > grid else _bilinear_matrix(w, grid)
-    return np.matmul(np.matmul(rows.T, maps), columns)
+    return np.matmul(np.matmul(resampling_matrix(h, grid).T, maps), resampling_matrix(w, grid))
 
 
 def embed_patches(feature_maps, levels, grid):

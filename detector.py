@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 import anomaly_model
+import export_onnx
 import image_utils
 import model_utils
 import plot_utils
@@ -31,6 +32,7 @@ from anomaly_model import FeatureFileError
 from image_utils import ImageError
 
 logger = logging.getLogger('mahalanobisad')
+__version__ = '0.2.0'  # recorded in exported models
 
 # Settings that change the features themselves: a feature file fitted with others cannot be used.
 FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names', 'method')
@@ -224,17 +226,19 @@ class Detector:
                                      self.max_pixels)
 
     def _views_for_fit(self, index, image):
-        """All views of one training image (decoded once): the plain one, then aug_num augmented ones."""
+        """All views of one training image (decoded once): the plain one, then aug_num augmented ones;
+        and the image's (H, W)."""
         spec = self.spec
         if not self.aug_num:
-            return [self._view(image)[0]]
+            view, shape = self._view(image)
+            return [view], shape
         image = (image_utils.check_rgb_array(image) if isinstance(image, np.ndarray)
                  else image_utils.load_image(os.fspath(image), self.bit_depth_, self.max_pixels))
         views = [image_utils.network_view(image, spec.resize_size, spec.input_size)]
         for copy in range(1, 1 + self.aug_num):  # seeded per (image, copy): the same views whatever the thread order
             rng = np.random.default_rng([self.seed, index, copy])
             views.append(image_utils.augment(image, rng, spec.resize_size, spec.input_size))
-        return views
+        return views, image.shape[:2]
 
     def _mask_view(self, mask, image_shape):
         """A mask path or bool array of the image's size -> (S, S) bool in the network's geometry."""
@@ -275,7 +279,7 @@ class Detector:
         if self.bit_depth_ > 8:
             logger.info('training images hold %d-bit data in 16-bit files: 0..%d is read as 0..255 for them and '
                         'every later image', self.bit_depth_, (1 << self.bit_depth_) - 1)
-        batches, groups, names = [], [], {}
+        batches, groups, names, image_sizes = [], [], {}, set()
         with tqdm(total=_length(images), desc='fit: features', unit='img') as progress, \
                 threadpool_limits(1, 'blas'):
             for batch in image_utils.stream(enumerate(images), lambda item: self._views_for_fit(*item),
@@ -288,8 +292,10 @@ class Detector:
                         continue
                     names[index] = (f'array #{index}' if isinstance(image, np.ndarray)
                                     else image_utils.display_path(image))
-                    views += loaded
-                    groups += [index] * len(loaded)
+                    item_views, (height, width) = loaded
+                    views += item_views
+                    groups += [index] * len(item_views)
+                    image_sizes.add((width, height))
                 for start in range(0, len(views), self.batch_size):
                     feature_maps = extractor(self._tensors(views[start:start + self.batch_size]))
                     if not batches:
@@ -324,7 +330,8 @@ class Detector:
                                               'pixel': None if pixel_maxima is None else float(pixel_maxima.max())},
                           holdout_scores=[float(s) for s in image_scores],
                           holdout_pixel_maxima=None if pixel_maxima is None else [float(s) for s in pixel_maxima],
-                          excluded_train_images=[names[group] for group, _, _ in excluded])
+                          excluded_train_images=[names[group] for group, _, _ in excluded],
+                          train_image_size=list(image_sizes.pop()) if len(image_sizes) == 1 else None)
         self.calibration_ = None
         self.use_holdout_thresholds(log=False)
         return self
@@ -494,6 +501,32 @@ class Detector:
             logger.info('pixel threshold %.3f maximises pixel F1 (%.3f)', self.pixel_threshold_, pixel_f1)
         else:
             self.use_holdout_thresholds(image=False)
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # export
+    # ------------------------------------------------------------------------------------------
+
+    def export(self, path, size=None):
+        """Write this detector as one ONNX model (export_onnx): uint8 RGB images (N, H, W, 3) in;
+        score, anomaly map and verdict out, as this detector gives them -> self.
+
+        size: (width, height) of the images the model takes (fixed); default the size shared by the
+        training images (a UsageError when they differ or the feature file does not record it).
+        """
+        self._check_fitted()
+        if size is None:
+            size = self.meta_.get('train_image_size')
+            if size is None:
+                reason = ('the training images differ in size' if 'train_image_size' in self.meta_
+                          else 'the feature file does not record the training images\' size')
+                raise UsageError(f'{reason}: give the size of the images to score (--export_size W H)')
+        width, height = size
+        if min(width, height) < 1:
+            raise UsageError(f'export size must be positive, got {width} x {height}')
+        size_bytes = export_onnx.export_detector(self, path, (int(width), int(height)), __version__)
+        logger.info('exported %s to %s (%.1f MB; input %d x %d RGB, threshold %.3f from %s)', self.method, path,
+                    size_bytes / 2 ** 20, width, height, self.threshold_, self.threshold_source_)
         return self
 
     # ------------------------------------------------------------------------------------------

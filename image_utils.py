@@ -557,6 +557,12 @@ def find_mask(image_path, test_dir, gt_dir):
     return None
 
 
+def short_side_shape(height, width, size):
+    """(height, width) of an image of this shape once its shorter side is resized to `size`."""
+    scale = size / min(height, width)
+    return max(size, int(round(height * scale))), max(size, int(round(width * scale)))
+
+
 def resize_short_side(image, size, interpolation=None):
     """Resize so that the shorter side is `size` pixels, keeping the aspect ratio (at most
     MAX_ASPECT_RATIO: ImageError beyond)."""
@@ -564,7 +570,7 @@ def resize_short_side(image, size, interpolation=None):
     if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
         raise ImageError(f'a {w}x{h} image is longer than {MAX_ASPECT_RATIO} times its width')
     scale = size / min(h, w)
-    new_w, new_h = max(size, int(round(w * scale))), max(size, int(round(h * scale)))
+    new_h, new_w = short_side_shape(h, w, size)
     if (new_h, new_w) == (h, w):
         return image
     if interpolation is None:  # INTER_AREA is the alias-free choice when shrinking
@@ -578,10 +584,16 @@ def center_crop(image, size):
     return image[top:top + size, left:left + size]
 
 
-def to_tensor(image, mean, std):
-    """RGB uint8 (S, S, 3) -> normalised float32 (3, S, S)."""
+def normalization(mean, std):
+    """(scale (3,), offset (3,)) float32 with pixel * scale - offset = (pixel / 255 - mean) / std."""
     scale = 1.0 / (255.0 * np.asarray(std, np.float32))
     offset = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    return scale, offset
+
+
+def to_tensor(image, mean, std):
+    """RGB uint8 (S, S, 3) -> normalised float32 (3, S, S)."""
+    scale, offset = normalization(mean, std)
     return (image.astype(np.float32) * scale - offset).transpose(2, 0, 1)
 
 

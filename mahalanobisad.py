@@ -158,8 +158,9 @@ def add_model_arguments(p):
 def parse_args(argv=None):
     p = OneLineArgumentParser(prog='mahalanobisad.py', description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('-i', '--input', nargs='+', default=[DEFAULT_INPUT],
-                   help='image files or directories (searched recursively) to score')
+    p.add_argument('-i', '--input', nargs='+', default=None,
+                   help=f'image files or directories (searched recursively) to score (default {DEFAULT_INPUT}; '
+                        'none with --export)')
     p.add_argument('-s', '--savepath', type=output_path, default=None,
                    help=f'figure file for one input (default {DEFAULT_SINGLE_SAVEPATH}); '
                         f'directory for several (default {DEFAULT_MULTI_SAVEPATH}/)')
@@ -176,6 +177,11 @@ def parse_args(argv=None):
     p.add_argument('--no_figures', action='store_true', help='write no figures')
     p.add_argument('--json', type=output_file, default=None, metavar='PATH', help='write scores and verdicts as JSON')
     add_holdout_arguments(p)
+    p.add_argument('--export', default=None, metavar='PATH',
+                   help='write the fitted detector with its thresholds as one ONNX model (pixels in; score, map, '
+                        'verdict out); scores nothing unless -i is given')
+    p.add_argument('--export_size', type=positive_int, nargs=2, default=None, metavar=('W', 'H'),
+                   help='image size the exported model takes (default: the training images\' size)')
     add_model_arguments(p)
     return p.parse_args(argv)
 
@@ -308,13 +314,20 @@ def main(argv=None):
         raise UsageError('--threshold and --fpr both set the image threshold: give one of them')
     detector = detector_from_args(args)
     detector.spec  # opens (or downloads) the backbone first: a bad -m fails before any other work
-    inputs = list_inputs(args.input)
+    if args.export_size and not args.export:
+        raise UsageError('--export_size needs --export PATH')
+    export_only = args.export is not None and args.input is None
+    inputs = [] if export_only else list_inputs(args.input or [DEFAULT_INPUT])
     if len(inputs) > 1 and args.savepath and image_utils.is_image_file(args.savepath):
         raise UsageError(f'{len(inputs)} inputs: --savepath must be a directory, not {args.savepath}')
 
     detector = load_or_fit(detector, args)
     masks_from = labelled_dirs(args)
     labelled = decide_thresholds(detector, args, masks_from)
+    if args.export:
+        detector.export(args.export, args.export_size)
+        if export_only:
+            return []
 
     logger.info('scoring %d images (threshold %.3f from %s)', len(inputs), detector.threshold_,
                 detector.threshold_source_)

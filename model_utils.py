@@ -619,6 +619,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, onnx_path):
+        self.onnx_path = onnx_path
         try:
             model = onnx.load(onnx_path)
             self.spatial_rewrites = expose_spatial_outputs(model)

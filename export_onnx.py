@@ -1,0 +1,517 @@
+"""Export a fitted detector as one ONNX model: camera pixels in; score, heat map and verdict out.
+
+The graph holds everything the tool does after decoding an image, so any onnxruntime (Python, C++,
+C#, Java, JavaScript, mobile) scores like the tool without this project installed:
+
+    image (N, H, W, 3) uint8 RGB
+      -> resize so the shorter side is resize_size, centre crop to S      (image_utils.network_view)
+      -> normalise, NHWC -> NCHW                                           (image_utils.to_tensor)
+      -> the backbone's own graph                                          (model_utils.FeatureExtractor)
+      -> the fitted method's features and scoring                          (anomaly_model.*Method)
+      -> score (N,) float32, anomaly_map (N, S, S) float32, anomaly (N,) bool
+
+The resize reproduces OpenCV's arithmetic for uint8 images step by step rather than approximating it
+with a resampling operator, because the view's pixels must equal the tool's (and a 1-level change
+in a pixel moves a Mahalanobis score): INTER_AREA when shrinking (float32 taps accumulated in
+OpenCV's order, or integer block sums for integer ratios), INTER_LINEAR when enlarging (OpenCV's
+11-bit fixed-point coefficients and its vector rounding, in int32), then OpenCV's rounding. For a
+given input size all of it is fixed index and weight tables (tests/test_export.py checks the view
+pixel for pixel against cv2 for shrinking, integer and enlarging sizes). Everything after the view
+is float32 arithmetic in another order than NumPy's, so scores agree to about 1e-6 relative.
+"""
+import json
+import math
+
+import cv2
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import anomaly_model
+import image_utils
+from model_utils import ModelError, atomic_write_bytes, expose_spatial_outputs
+
+MIN_OPSET = 13          # ReduceSum's axes as an input, Squeeze/Unsqueeze axes as inputs
+BANK_CHUNK = 4096       # PatchCore: bank rows per distance block (peak memory: N x P x BANK_CHUNK floats)
+RESIZE_COEF_BITS = 11   # OpenCV's INTER_RESIZE_COEF_BITS (fixed-point INTER_LINEAR on uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenCV's resize tables
+# ----------------------------------------------------------------------------------------------
+
+def _area_taps(ssize, dsize):
+    """OpenCV's INTER_AREA decimation table for one axis (computeResizeAreaTab): per output index,
+    its source indices and float32 weights in accumulation order -> (indices (K, dsize), weights
+    (K, dsize) float32), padded with zero weights to K taps each."""
+    scale = 1.0 / (dsize / ssize)  # as OpenCV: 1 / inv_scale, in double
+    taps = [[] for _ in range(dsize)]
+    for d in range(dsize):
+        start = d * scale
+        end = start + scale
+        cell = min(scale, ssize - start)
+        first, last = math.ceil(start), math.floor(end)
+        last = min(last, ssize - 1)
+        first = min(first, last)
+        if first - start > 1e-3:
+            taps[d].append((first - 1, (first - start) / cell))
+        taps[d] += [(s, 1.0 / cell) for s in range(first, last)]
+        if end - last > 1e-3:
+            taps[d].append((last, min(min(end - last, 1.0), cell) / cell))
+    count = max(len(t) for t in taps)
+    indices, weights = np.zeros((count, dsize), np.int64), np.zeros((count, dsize), np.float32)
+    for d, row in enumerate(taps):
+        for k, (s, w) in enumerate(row):
+            indices[k, d], weights[k, d] = s, np.float32(w)
+    return indices, weights
+
+
+def _linear_taps(ssize, dsize, clamp_fraction):
+    """OpenCV's INTER_LINEAR table for one axis: (first source index, second source index,
+    coefficients (dsize, 2) in 1/2048 units). Outside the image OpenCV clamps the fraction to 0
+    along x but keeps it (over the clipped edge row, so the same value) along y."""
+    scale = 1.0 / (dsize / ssize)
+    first, second = np.zeros(dsize, np.int64), np.zeros(dsize, np.int64)
+    coefficients = np.zeros((dsize, 2), np.int64)
+    one = np.float32(1 << RESIZE_COEF_BITS)
+    for d in range(dsize):
+        position = np.float32((d + 0.5) * scale - 0.5)
+        s = math.floor(position)
+        fraction = np.float32(position - np.float32(s))
+        if clamp_fraction and (s < 0 or s >= ssize - 1):
+            fraction = np.float32(0)
+        coefficients[d] = [int(np.rint((np.float32(1) - fraction) * one)), int(np.rint(fraction * one))]
+        first[d], second[d] = min(max(s, 0), ssize - 1), min(max(s + 1, 0), ssize - 1)
+    return first, second, coefficients
+
+
+def resize_plan(height, width, resize_size):
+    """What image_utils.resize_short_side does to an (height, width) image: ('none' | 'area' |
+    'area_integer' | 'linear', (new_height, new_width)), with OpenCV's own test for an integer
+    ratio (1 / (dsize / ssize) within DBL_EPSILON of an integer)."""
+    new_h, new_w = image_utils.short_side_shape(height, width, resize_size)
+    if (new_h, new_w) == (height, width):
+        return 'none', (new_h, new_w)
+    if resize_size > min(height, width):  # resize_short_side: INTER_LINEAR when enlarging
+        return 'linear', (new_h, new_w)
+    ratios = [1.0 / (new / old) for new, old in ((new_w, width), (new_h, height))]
+    integer = all(abs(r - int(r)) < np.finfo(float).eps for r in ratios)
+    return ('area_integer' if integer else 'area'), (new_h, new_w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Graph building
+# ----------------------------------------------------------------------------------------------
+
+class _Graph:
+    """A small onnx.helper wrapper: op() adds a node and returns its output name, const() an
+    initializer."""
+
+    def __init__(self, opset):
+        self.opset = opset
+        self.nodes, self.initializers, self.count = [], [], 0
+
+    def name(self, hint):
+        self.count += 1
+        return f'{hint}_{self.count}'
+
+    def const(self, array, hint='c'):
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type, inputs, outputs=1, name=None, **attributes):
+        names = [name] if name else [self.name(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self.name('n_' + op_type), **attributes))
+        return names[0] if outputs == 1 else names
+
+    def reduce(self, op_type, x, axes, keepdims=0):
+        """A Reduce* node over `axes`, in the form this opset wants (axes an input from opset 18;
+        ReduceSum from 13)."""
+        if self.opset >= 18 or op_type == 'ReduceSum':
+            return self.op(op_type, [x, self.const(np.array(axes, np.int64), 'axes')], keepdims=keepdims)
+        return self.op(op_type, [x], axes=axes, keepdims=keepdims)
+
+    def shape_const(self, shape):
+        return self.const(np.array(shape, np.int64), 'shape')
+
+
+def _add_resize(g, image, height, width, resize_size, crop_size):
+    """image (N, height, width, 3) uint8 -> the centre crop_size square of the image resized by
+    image_utils.resize_short_side, channels first: float32 (N, 3, S, S) holding the uint8 values.
+
+    Channels first, as (N * 3, h, w) planes: every gather runs along the middle axis, copying whole
+    rows (onnxruntime's Gather and broadcast Mul are several times slower on the innermost axis),
+    and a pass along columns runs on transposed planes (a fast batched 2-D transpose)."""
+    kind, (new_h, new_w) = resize_plan(height, width, resize_size)
+    top, left = (new_h - crop_size) // 2, (new_w - crop_size) // 2
+    rows, cols = np.arange(top, top + crop_size), np.arange(left, left + crop_size)
+    planes = g.op('Reshape', [g.op('Transpose', [image], perm=[0, 3, 1, 2]), g.shape_const([-1, height, width])])
+
+    def crop(x, row_range, col_range):
+        starts, ends = [row_range[0], col_range[0]], [row_range[1], col_range[1]]
+        return g.op('Slice', [x, g.const(np.array(starts, np.int64)), g.const(np.array(ends, np.int64)),
+                              g.const(np.array([1, 2], np.int64))])
+
+    def gather_rows(x, indices):
+        return g.op('Gather', [x, g.const(np.asarray(indices, np.int64), 'index')], axis=1)
+
+    def transpose_planes(x):
+        return g.op('Transpose', [x], perm=[0, 2, 1])
+
+    def images(x):
+        return g.op('Reshape', [x, g.shape_const([-1, 3, crop_size, crop_size])])
+
+    def clip_255(x):
+        return g.op('Clip', [x, g.const(np.float32(0)), g.const(np.float32(255))])
+
+    if kind == 'none':
+        return images(g.op('Cast', [crop(planes, (top, top + crop_size), (left, left + crop_size))], to=TensorProto.FLOAT))
+
+    if kind == 'area_integer':  # resizeAreaFast: integer block sums (below 2^24: exact in float32)
+        s = height // new_h
+        x = crop(planes, (top * s, (top + crop_size) * s), (left * s, (left + crop_size) * s))
+        x = g.op('Reshape', [g.op('Cast', [x], to=TensorProto.FLOAT), g.shape_const([-1, 3, crop_size, s, crop_size, s])])
+        total = g.reduce('ReduceSum', x, [3, 5])                                          # (N, 3, S, S)
+        if s == 2:  # OpenCV's 2x2 path: (sum + 2) >> 2
+            return g.op('Floor', [g.op('Mul', [g.op('Add', [total, g.const(np.float32(2))]), g.const(np.float32(0.25))])])
+        return clip_255(g.op('Round', [g.op('Mul', [total, g.const(np.float32(1.0 / (s * s)))])]))  # sum * (1.f/area)
+
+    if kind == 'area':  # resizeArea_<uchar, float>: float32 taps accumulated in OpenCV's order
+        y_idx, y_w = _area_taps(height, new_h)
+        x_idx, x_w = _area_taps(width, new_w)
+        y_idx, y_w, x_idx, x_w = y_idx[:, rows], y_w[:, rows], x_idx[:, cols], x_w[:, cols]
+        first, last = y_idx[y_w > 0].min(), y_idx[y_w > 0].max()
+        y_idx = (y_idx - first).clip(0, last - first)
+        x = transpose_planes(g.op('Cast', [crop(planes, (first, last + 1), (0, width))], to=TensorProto.FLOAT))
+        along_rows = None                                                                  # (N * 3, S, H')
+        for k in range(len(x_idx)):
+            term = g.op('Mul', [gather_rows(x, x_idx[k]), g.const(x_w[k].reshape(1, -1, 1))])
+            along_rows = term if along_rows is None else g.op('Add', [along_rows, term])
+        along_rows = transpose_planes(along_rows)                                          # (N * 3, H', S)
+        total = None
+        for k in range(len(y_idx)):
+            term = g.op('Mul', [gather_rows(along_rows, y_idx[k]), g.const(y_w[k].reshape(1, -1, 1))])
+            total = term if total is None else g.op('Add', [total, term])
+        return images(clip_255(g.op('Round', [total])))
+
+    # INTER_LINEAR (enlarging), uint8 fixed point: the horizontal pass in 1/2048 units, the vertical
+    # one as OpenCV's vector code: ((h0 >> 4) * b0 >> 16) + ((h1 >> 4) * b1 >> 16), then (+ 2) >> 2.
+    x0, x1, a = _linear_taps(width, new_w, clamp_fraction=True)
+    y0, y1, b = _linear_taps(height, new_h, clamp_fraction=False)
+    x0, x1, a, y0, y1, b = x0[cols], x1[cols], a[cols], y0[rows], y1[rows], b[rows]
+    x = transpose_planes(g.op('Cast', [planes], to=TensorProto.INT32))                      # (N * 3, W, H)
+
+    def int_column(values):
+        return g.const(np.asarray(values, np.int32).reshape(1, -1, 1))
+    horizontal = g.op('Add', [g.op('Mul', [gather_rows(x, x0), int_column(a[:, 0])]),
+                              g.op('Mul', [gather_rows(x, x1), int_column(a[:, 1])])])
+    horizontal = transpose_planes(horizontal)                                              # (N * 3, H, S)
+    sixteen, high = g.const(np.int32(16)), g.const(np.int32(1 << 16))
+
+    def vertical(source, coefficient):  # non-negative throughout, so Div is a right shift
+        return g.op('Div', [g.op('Mul', [g.op('Div', [gather_rows(horizontal, source), sixteen]),
+                                        int_column(coefficient)]), high])
+    total = g.op('Add', [vertical(y0, b[:, 0]), vertical(y1, b[:, 1])])
+    total = g.op('Div', [g.op('Add', [total, g.const(np.int32(2))]), g.const(np.int32(4))])
+    return images(clip_255(g.op('Cast', [total], to=TensorProto.FLOAT)))
+
+
+def _add_backbone(g, backbone, x):
+    """Inline the backbone ModelProto (pooled outputs already rewritten to maps), fed with x;
+    -> names of its outputs, each (N, C, h, w)."""
+    prefix = 'backbone/'
+    graph = backbone.graph
+    initializers = {i.name for i in graph.initializer}  # old IRs list initializers among the inputs too
+    input_name = next(i.name for i in graph.input if i.name not in initializers)
+
+    def rename(name):
+        return x if name == input_name else (prefix + name if name else name)
+    for init in graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        copy.name = prefix + init.name
+        g.initializers.append(copy)
+    for node in graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.ClearField('input')
+        copy.ClearField('output')
+        copy.input.extend(rename(i) for i in node.input)
+        copy.output.extend(rename(o) for o in node.output)
+        copy.name = prefix + node.name if node.name else ''
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ModelError('cannot export a backbone with subgraphs (If/Loop/Scan)')
+        g.nodes.append(copy)
+    return [rename(o.name) for o in graph.output]
+
+
+# ----------------------------------------------------------------------------------------------
+# The methods' scoring in ONNX, one function per anomaly_model method
+# ----------------------------------------------------------------------------------------------
+
+def _pool(g, feature_map):
+    return g.reduce('ReduceMean', feature_map, [2, 3])  # anomaly_model.pool_features
+
+
+def _embed_patches(g, maps, shapes, levels, grid):
+    """anomaly_model.embed_patches: levels resampled onto grid x grid, stacked -> (N, P, D)."""
+    parts = []
+    for level in levels:
+        x, (channels, h, w) = maps[level], shapes[level]
+        if (h, w) != (grid, grid):
+            x = g.op('MatMul', [g.const(anomaly_model.resampling_matrix(h, grid).T), x])
+            x = g.op('MatMul', [x, g.const(anomaly_model.resampling_matrix(w, grid))])
+        parts.append(g.op('Reshape', [x, g.shape_const([0, channels, grid * grid])]))
+    stacked = g.op('Concat', parts, axis=1) if len(parts) > 1 else parts[0]
+    return g.op('Transpose', [stacked], perm=[0, 2, 1])
+
+
+def _squared_norms(g, x):
+    """(..., D) -> (..., 1) row sums of squares."""
+    return g.op('ReduceSum', [g.op('Mul', [x, x]), g.const(np.array([-1], np.int64))], keepdims=1)
+
+
+def _distance_constants(g, b):
+    """Constants for squared distances to the rows of b (B, D): (-2 b.T, |b|^2) initializer names.
+    The -2 is folded in (a power of two: the same rounding), saving a full-size intermediate."""
+    return g.const(np.ascontiguousarray(-2 * b.T, np.float32), 'bank'), g.const(np.einsum('ij,ij->i', b, b))
+
+
+def _squared_distances(g, a, constants):
+    """anomaly_model.squared_distances, |a|^2 - 2 a.b + |b|^2: a (..., M, D) -> (..., M, B)."""
+    minus_two_b_t, b_norms = constants
+    return g.op('Add', [g.op('Add', [_squared_norms(g, a), g.op('MatMul', [a, minus_two_b_t])]), b_norms])
+
+
+def _sqrt_clipped(g, squared):
+    return g.op('Sqrt', [g.op('Max', [squared, g.const(np.float32(0))])])
+
+
+def _pixel_gaussian(g, patches, model):
+    """PixelGaussian.distances: (N, P, D) -> (N, P)."""
+    by_position = g.op('Transpose', [patches], perm=[1, 0, 2])                        # (P, N, D)
+    centred = g.op('Sub', [by_position, g.const(model.mean_[:, None, :].astype(np.float32))])
+    projected = g.op('MatMul', [centred, g.const(model.precision_.astype(np.float32))])
+    squared = g.reduce('ReduceSum', g.op('Mul', [projected, centred]), [2])            # (P, N)
+    return g.op('Transpose', [_sqrt_clipped(g, squared)], perm=[1, 0])
+
+
+def smoothing_matrix(grid, output_size, sigma=anomaly_model.PIXEL_MAP_SIGMA):
+    """(output_size, grid) matrix K with K @ m @ K.T = anomaly_model.upsample_and_smooth(m): OpenCV's
+    float INTER_LINEAR upsampling, then its Gaussian (kernel 8 sigma + 1 wide, BORDER_REFLECT)."""
+    upsample = np.zeros((output_size, grid))
+    for d in range(output_size):  # the float path keeps the float32 fraction (no 1/2048 units)
+        position = np.float32((d + 0.5) * (1.0 / (output_size / grid)) - 0.5)
+        s = math.floor(position)
+        f = 0.0 if s < 0 or s >= grid - 1 else float(np.float32(position - np.float32(s)))
+        upsample[d, min(max(s, 0), grid - 1)] += 1 - f
+        upsample[d, min(max(s + 1, 0), grid - 1)] += f
+    ksize = int(round(sigma * 4 * 2 + 1)) | 1  # OpenCV's default size for float images
+    kernel = cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F).ravel().astype(np.float64)
+    blur = np.zeros((output_size, output_size))
+    for i in range(output_size):
+        for t, weight in enumerate(kernel):
+            j = i + t - ksize // 2
+            while j < 0 or j >= output_size:  # BORDER_REFLECT: fedcba|abcdefgh|hgfedcb
+                j = -j - 1 if j < 0 else 2 * output_size - j - 1
+            blur[i, j] += weight
+    return (blur @ upsample).astype(np.float32)
+
+
+def _upsample_and_smooth(g, distances, grid, output_size):
+    """(N, P) patch distances -> (N, S, S) map, as anomaly_model.upsample_and_smooth."""
+    grids = g.op('Reshape', [distances, g.shape_const([-1, grid, grid])])
+    k = smoothing_matrix(grid, output_size)
+    return g.op('MatMul', [g.op('MatMul', [g.const(k), grids]), g.const(np.ascontiguousarray(k.T))])
+
+
+def _mahalanobis(g, method, maps, shapes, output_size):
+    params = method.params
+    total = None
+    for level, mean, precision in zip(params['image_levels'], method.image_model.means_,
+                                      method.image_model.precisions_):
+        centred = g.op('Sub', [_pool(g, maps[level]), g.const(mean.astype(np.float32))])
+        projected = g.op('MatMul', [centred, g.const(precision.astype(np.float32))])
+        distance = _sqrt_clipped(g, g.reduce('ReduceSum', g.op('Mul', [projected, centred]), [1]))
+        total = distance if total is None else g.op('Add', [total, distance])
+    if method.pixel_model is None:
+        return total, None
+    patches = _embed_patches(g, maps, shapes, params['pixel_levels'], params['grid'])
+    distances = _pixel_gaussian(g, patches, method.pixel_model)
+    return total, _upsample_and_smooth(g, distances, params['grid'], output_size)
+
+
+def _padim(g, method, maps, shapes, output_size):
+    params = method.params
+    patches = _embed_patches(g, maps, shapes, params['levels'], params['grid'])
+    patches = g.op('Gather', [patches, g.const(np.array(params['channels'], np.int64))], axis=2)
+    anomaly_map = _upsample_and_smooth(g, _pixel_gaussian(g, patches, method.model), params['grid'], output_size)
+    return g.reduce('ReduceMax', anomaly_map, [1, 2]), anomaly_map
+
+
+def _spade(g, method, maps, shapes, output_size):
+    params = method.params
+    train_pooled = method.train_pooled.astype(np.float32)
+    train_patches = method.train_patches.astype(np.float32)                            # (T, P, D)
+    k = min(params['k'], len(train_pooled))
+    pooled = _pool(g, maps[params['image_level']])
+    distances = _sqrt_clipped(g, _squared_distances(g, pooled, _distance_constants(g, train_pooled)))
+    nearest_distances, nearest = g.op('TopK', [distances, g.const(np.array([k], np.int64))], outputs=2,
+                                      largest=0, sorted=1)
+    score = g.reduce('ReduceMean', nearest_distances, [1])
+    # Per image, the gallery is the patches of its k nearest training images.
+    t, p, d = train_patches.shape
+    gallery = g.op('Reshape', [g.op('Gather', [g.const(train_patches), nearest], axis=0), g.shape_const([-1, k * p, d])])
+    gallery_norms = g.op('Transpose', [_squared_norms(g, gallery)], perm=[0, 2, 1])   # (N, 1, kP)
+    patches = _embed_patches(g, maps, shapes, params['levels'], params['grid'])      # (N, P, D)
+    product = g.op('MatMul', [patches, g.op('Transpose', [gallery], perm=[0, 2, 1])])
+    squared = g.op('Add', [g.op('Sub', [_squared_norms(g, patches), g.op('Mul', [product, g.const(np.float32(2))])]),
+                           gallery_norms])
+    nearest_patch = _sqrt_clipped(g, g.reduce('ReduceMin', squared, [2]))
+    return score, _upsample_and_smooth(g, nearest_patch, params['grid'], output_size)
+
+
+def _patchcore(g, method, maps, shapes, output_size):
+    """PatchCoreMethod.score: exact nearest-neighbour search as matrix products against the bank, in
+    blocks of BANK_CHUNK rows (minimum and its index per block, then across blocks)."""
+    params = method.params
+    bank = np.ascontiguousarray(method.bank, np.float32)
+    b, d = bank.shape
+    aggregated = {l: g.op('AveragePool', [maps[l]], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1],
+                          count_include_pad=1) for l in params['levels']}
+    patches = _embed_patches(g, aggregated, shapes, params['levels'], params['grid'])  # (N, P, D)
+    queries = g.op('Reshape', [patches, g.shape_const([-1, d])])                        # (N*P, D)
+    minima, arguments = [], []
+    chunks = [_distance_constants(g, bank[start:start + BANK_CHUNK]) for start in range(0, b, BANK_CHUNK)]
+    for start, chunk in zip(range(0, b, BANK_CHUNK), chunks):
+        squared = _squared_distances(g, queries, chunk)
+        minima.append(g.reduce('ReduceMin', squared, [1], keepdims=1))
+        arguments.append(g.op('Add', [g.op('ArgMin', [squared], axis=1, keepdims=1), g.const(np.int64(start))]))
+    if len(minima) > 1:
+        stacked = g.op('Concat', minima, axis=1)                                            # (M, chunks)
+        best_chunk = g.op('ArgMin', [stacked], axis=1, keepdims=1)
+        minimum = g.op('GatherElements', [stacked, best_chunk], axis=1)
+        index = g.op('GatherElements', [g.op('Concat', arguments, axis=1), best_chunk], axis=1)
+    else:
+        minimum, index = minima[0], arguments[0]
+    p = params['grid'] ** 2
+    distances = g.op('Reshape', [_sqrt_clipped(g, minimum), g.shape_const([-1, p])])    # (N, P)
+    indices = g.op('Reshape', [index, g.shape_const([-1, p])])
+    # Re-weighting (PatchCore eq. 7), as PatchCoreMethod.score.
+    worst = g.op('ArgMax', [distances], axis=1, keepdims=1)                              # (N, 1)
+    worst_distance = g.op('GatherElements', [distances, worst], axis=1)                  # (N, 1)
+    anchor_index = g.op('Squeeze', [g.op('GatherElements', [indices, worst], axis=1), g.const(np.array([1], np.int64))])
+    bank_rows = g.const(bank, 'bank')
+    anchor = g.op('Gather', [bank_rows, anchor_index], axis=0)                            # (N, D)
+    worst_patch = g.op('GatherElements', [patches, g.op('Expand', [
+        g.op('Unsqueeze', [worst, g.const(np.array([2], np.int64))]), g.shape_const([1, 1, d])])], axis=1)  # (N, 1, D)
+    neighbours = min(params['neighbours'], b)
+    to_bank = [_squared_distances(g, anchor, chunk) for chunk in chunks]
+    to_bank = g.op('Concat', to_bank, axis=1) if len(to_bank) > 1 else to_bank[0]        # (N, B)
+    _, nearest = g.op('TopK', [to_bank, g.const(np.array([neighbours], np.int64))], outputs=2, largest=0, sorted=1)
+    neighbourhood = g.op('Gather', [bank_rows, nearest], axis=0)                          # (N, b, D)
+    difference = g.op('Sub', [neighbourhood, worst_patch])
+    spread = g.op('Sqrt', [g.reduce('ReduceSum', g.op('Mul', [difference, difference]), [2])])  # (N, b)
+    exp_sum = g.reduce('ReduceSum', g.op('Exp', [g.op('Sub', [spread, worst_distance])]), [1], keepdims=1)
+    weight = g.op('Sub', [g.const(np.float32(1)), g.op('Div', [g.const(np.float32(1)), exp_sum])])
+    score = g.op('Squeeze', [g.op('Mul', [weight, worst_distance]), g.const(np.array([1], np.int64))])
+    return score, _upsample_and_smooth(g, distances, params['grid'], output_size)
+
+
+_SCORERS = {'mahalanobis': _mahalanobis, 'padim': _padim, 'spade': _spade, 'patchcore': _patchcore}
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+def _load_backbone(onnx_path):
+    """The backbone as FeatureExtractor runs it (pooled outputs rewritten to maps), at opset >= 13."""
+    model = onnx.load(onnx_path)
+    expose_spatial_outputs(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')), MIN_OPSET)
+    if opset < MIN_OPSET:
+        from onnx import version_converter
+        model = version_converter.convert_version(model, MIN_OPSET)
+    if any(o.domain not in ('', 'ai.onnx') for o in model.opset_import):
+        raise ModelError('cannot export a backbone with operators outside the standard ONNX domain')
+    return model
+
+
+def build_model(spec, onnx_path, method, feature_shapes, image_size, threshold, metadata=None):
+    """The whole detector as an onnx.ModelProto.
+
+    spec: model_utils.BackboneSpec; onnx_path: its ONNX file; method: a fitted
+    anomaly_model.AnomalyMethod; feature_shapes: each backbone output's shape at spec.input_size
+    without the batch axis, (C, h, w) or (C,) for a pooled output; image_size: (width, height) of the graph's input; threshold: the image
+    threshold of the `anomaly` output; metadata: {key: value} stored as metadata_props (as text).
+    """
+    width, height = image_size
+    backbone = _load_backbone(onnx_path)
+    opset = max(MIN_OPSET, next(o.version for o in backbone.opset_import if o.domain in ('', 'ai.onnx')))
+    g = _Graph(opset)
+    view = _add_resize(g, 'image', height, width, spec.resize_size, spec.input_size)      # (N, 3, S, S)
+    scale, offset = image_utils.normalization(spec.mean, spec.std)
+    tensor = g.op('Sub', [g.op('Mul', [view, g.const(scale.reshape(1, 3, 1, 1))]), g.const(offset.reshape(1, 3, 1, 1))])
+    maps = _add_backbone(g, backbone, tensor)
+    for i, shape in enumerate(feature_shapes):
+        if len(shape) == 1:  # a pooled (N, C) output that could not be rewritten: (N, C, 1, 1)
+            maps[i] = g.op('Unsqueeze', [maps[i], g.const(np.array([2, 3], np.int64))])
+    shapes = [tuple(s) if len(s) == 3 else (s[0], 1, 1) for s in feature_shapes]
+    score, anomaly_map = _SCORERS[method.name](g, method, maps, shapes, spec.input_size)
+    g.op('Identity', [score], name='score')
+    g.op('GreaterOrEqual', [score, g.const(np.float32(threshold))], name='anomaly')
+    outputs = [helper.make_tensor_value_info('score', TensorProto.FLOAT, ['N']),
+               helper.make_tensor_value_info('anomaly', TensorProto.BOOL, ['N'])]
+    if anomaly_map is not None:
+        g.op('Identity', [anomaly_map], name='anomaly_map')
+        outputs.insert(1, helper.make_tensor_value_info('anomaly_map', TensorProto.FLOAT,
+                                                        ['N', spec.input_size, spec.input_size]))
+    inputs = [helper.make_tensor_value_info('image', TensorProto.UINT8, ['N', height, width, 3])]
+    graph = helper.make_graph(g.nodes, 'mahalanobisad', inputs, outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', opset)], producer_name='mahalanobisad')
+    model.ir_version = max(8, backbone.ir_version)
+    helper.set_model_props(model, {str(k): str(v) for k, v in (metadata or {}).items()})
+    return model
+
+
+def view_model(height, width, resize_size, crop_size):
+    """A model with only the preprocessing: image (N, height, width, 3) uint8 -> view (N, S, S, 3)
+    uint8, which must equal image_utils.network_view (the tests compare them pixel for pixel)."""
+    g = _Graph(MIN_OPSET)
+    view = _add_resize(g, 'image', height, width, resize_size, crop_size)
+    g.op('Transpose', [g.op('Cast', [view], to=TensorProto.UINT8)], perm=[0, 2, 3, 1], name='view')
+    graph = helper.make_graph(g.nodes, 'view', [helper.make_tensor_value_info('image', TensorProto.UINT8,
+                                                                             ['N', height, width, 3])],
+                              [helper.make_tensor_value_info('view', TensorProto.UINT8, ['N', crop_size, crop_size, 3])],
+                              g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', MIN_OPSET)])
+    model.ir_version = 8
+    return model
+
+
+def save_model(model, path):
+    """Write an ONNX model atomically (one file; protobuf's 2 GiB limit applies)."""
+    data = model.SerializeToString()
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def export_detector(detector, path, size, version):
+    """Write the model of a fitted detector.Detector for images of size (width, height) to `path`
+    (atomically) -> bytes written. metadata_props (text): the thresholds and their source, backbone,
+    method and options, input and export sizes, training set, the tool's version (README: Deploying)."""
+    spec, extractor, meta = detector.spec, detector.extractor, detector.meta_
+    probe = np.zeros((1, 3, spec.input_size, spec.input_size), np.float32)
+    shapes = [m.shape[1:] for m in extractor.session.run(extractor.output_names, {extractor.input_name: probe})]
+    metadata = {'threshold': repr(float(detector.threshold_)), 'threshold_source': detector.threshold_source_,
+                'backbone': spec.name, 'model': meta.get('model', ''), 'method': detector.method_.name,
+                'method_options': json.dumps(meta.get('method_options', {}), sort_keys=True),
+                'input_size': spec.input_size, 'resize_size': spec.resize_size,
+                'image_width': size[0], 'image_height': size[1], 'n_train_images': meta.get('n_train_images', ''),
+                'train_dir': meta.get('train_dir') or '', 'tool': 'mahalanobisad', 'version': version}
+    if detector.pixel_threshold_ is not None:
+        metadata['pixel_threshold'] = repr(float(detector.pixel_threshold_))
+    model = build_model(spec, extractor.onnx_path, detector.method_, shapes, size, detector.threshold_, metadata)
+    return save_model(model, path)
