@@ -185,7 +185,7 @@ def mutate_feature_file(data, rng):
     whose members, shapes, dtypes, values or metadata do not fit each other."""
     arrays = members(data)
     meta = json.loads(str(arrays['meta']))
-    state = [k for k in arrays if k != 'meta']
+    state = [k for k in arrays if k != 'meta' and arrays[k].size]  # an empty array has no value to damage
     kind = rng.integers(13)
     key = state[rng.integers(len(state))]
     if kind <= 2:
