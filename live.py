@@ -483,7 +483,7 @@ def watch_folder(detector, folder, figures_dir=None, json_path=None, poll_s=WATC
                                 continue
                             tally.add(result.anomaly)
                             records.write({'path': result.path, 'score': result.score, 'anomaly': result.anomaly})
-                            figure = os.path.join(figures_dir, _figure_name(result.path, folder)) if figures_dir else None
+                            figure = figures_dir and os.path.join(figures_dir, _figure_name(result.path, folder))
                             if figure:
                                 figures.submit(figure, result.view, result.gt_mask, result.anomaly_map, result.score,
                                                detector.threshold_, detector.pixel_threshold_, title=result.path)

@@ -68,7 +68,8 @@ def video_vs_images(common, video, png_dir, count, rounds, work):
         image_s.append(timed_run(common + ['-i', png_dir, '--json', os.path.join(work, 'i.json')]))
         video_s.append(timed_run(common + ['-v', video, '--json', os.path.join(work, 'v.jsonl')]))
     video_fps, image_fps = count / statistics.median(video_s), count / statistics.median(image_s)
-    return {'video_fps': round(video_fps, 2), 'image_fps': round(image_fps, 2), 'ratio': round(video_fps / image_fps, 3)}
+    return {'video_fps': round(video_fps, 2), 'image_fps': round(image_fps, 2),
+            'ratio': round(video_fps / image_fps, 3)}
 
 
 def peak_rss_mib(argv):
@@ -94,7 +95,8 @@ def follow(report, count, timeout=120):
 
 
 def watch_latency(common, sources, files, work):
-    incoming, staging, report = os.path.join(work, 'incoming'), os.path.join(work, 'staging'), os.path.join(work, 'w.jsonl')
+    incoming, staging = os.path.join(work, 'incoming'), os.path.join(work, 'staging')
+    report = os.path.join(work, 'w.jsonl')
     os.makedirs(incoming)
     os.makedirs(staging)
     process = subprocess.Popen([sys.executable, 'mahalanobisad.py', '--watch', incoming, '--json', report,
