@@ -106,13 +106,13 @@ def test_frames_of_a_lossless_sequence_score_as_the_images(tmp_path, feat, model
 def test_realtime_never_falls_behind(tmp_path, feat, model_dir):
     """The newest frame each time: a consumer slower than the source skips frames and counts them."""
     clip = tmp_path / 'fast.mp4'
-    write_video(clip, [cv2.imread(SAMPLE[i % len(SAMPLE)]) for i in range(30)], fps=100, size=(64, 64))
+    write_video(clip, [cv2.imread(SAMPLE[i % len(SAMPLE)]) for i in range(30)], fps=1000, size=(64, 64))
     source = live.VideoSource(str(clip))
     newest = live.NewestFrames(source)
     taken = []
     for frame in newest:
         taken.append(frame.index)
-        time.sleep(0.05)  # 5 source frames per frame taken
+        time.sleep(0.01)  # 10 source frames per frame taken
     newest.close()
     source.release()
     assert taken == sorted(taken) and taken[0] == 0
@@ -123,7 +123,7 @@ def test_realtime_never_falls_behind(tmp_path, feat, model_dir):
     lines = read_lines(report)
     summary = lines[-1]['summary']
     assert summary['frames_scored'] + summary['frames_skipped'] == 30
-    assert summary['frames_skipped'] > 0  # scoring takes far longer than the 10 ms between frames
+    assert summary['frames_skipped'] > 0  # scoring a frame takes far longer than the 1 ms between frames
     assert all(line['latency_s'] > 0 for line in lines[:-1])
     assert summary['latency_s']['median'] > 0
 
