@@ -325,24 +325,23 @@ def inspect_video(detector, spec, realtime=False, savepath=None, json_path=None)
     """
     source = VideoSource(spec)
     live = realtime or source.camera
-    tally, interrupted, video = _Tally(), False, None
+    tally, interrupted, video, newest, frames, results = _Tally(), False, None, None, None, None
     records = JsonLines(json_path)
     try:
         video = AnnotatedVideo(savepath, source.fps) if savepath else None
         logger.info('scoring %s%s at %.1f frames/s%s (threshold %.3f from %s)', 'camera ' if source.camera else '',
                     spec, source.fps, ': live, the newest frame each time' if live else
                     f', {source.frame_count or "?"} frames', detector.threshold_, detector.threshold_source_)
-        newest = NewestFrames(source) if live else None
-        frames = read_ahead(source) if not live else None
         try:
             with sigterm_as_interrupt():
-                if live:
+                if live:  # one frame at a time: a batch would wait for frames that are stale when scored
+                    newest = NewestFrames(source)
                     scored = ((frame, next(detector.inspect([frame.image], desc=None))) for frame in newest)
-                else:
-                    # inspect gets the bare images; frames and results line up by position
-                    times = collections.deque()
-                    images = (times.append(dataclasses.replace(f, image=None)) or f.image for f in frames)
-                    scored = ((times.popleft(), result) for result in detector.inspect(images, desc='video'))
+                else:  # inspect gets the bare images; frames and results line up by position
+                    frames, shown = read_ahead(source), collections.deque()
+                    images = (shown.append(dataclasses.replace(f, image=None)) or f.image for f in frames)
+                    results = detector.inspect(images, desc='video')
+                    scored = ((shown.popleft(), result) for result in results)
                 for frame, result in scored:
                     latency = time.monotonic() - frame.captured if live else None
                     tally.add(result.anomaly, latency)
@@ -360,7 +359,7 @@ def inspect_video(detector, spec, realtime=False, savepath=None, json_path=None)
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            for closable in (frames, newest):
+            for closable in (results, frames, newest):  # the pipeline's threads end here, not at garbage collection
                 if closable is not None:
                     closable.close()
         if video:
@@ -370,7 +369,7 @@ def inspect_video(detector, spec, realtime=False, savepath=None, json_path=None)
         if video:  # an error: no half-written video
             video.close(keep=False)
         source.release()
-        summary = dict(source=spec, frames_scored=tally.scored, frames_skipped=newest.skipped if live else 0,
+        summary = dict(source=spec, frames_scored=tally.scored, frames_skipped=newest.skipped if newest else 0,
                        fps=round(tally.rate(), 3), source_fps=source.fps, latency_s=tally.latency(),
                        **_base_summary(detector, tally, interrupted))
         records.write({'summary': summary})
