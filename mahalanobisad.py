@@ -219,7 +219,7 @@ def decide_thresholds(detector, args, masks_from, feat_path):
         detector.set_threshold(args.threshold, '--threshold').use_holdout_thresholds(image=False)
         return {}
     if masks_from is None:
-        if args.recalibrate or detector.threshold_source_ == HOLDOUT_SOURCE:
+        if args.recalibrate or detector.threshold_source_.startswith(HOLDOUT_SOURCE):  # a rule: recomputed
             detector.use_holdout_thresholds()
         else:
             detector.use_stored_thresholds(None)
