@@ -152,14 +152,18 @@ def main():
     p.add_argument('--files', type=int, default=20, help='files dropped into the watched folder')
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--model_dir', default='models')
+    p.add_argument('--feat', default=None,
+                   help='a fitted feature file to use (copied); default: fit one on train/ (minutes on a busy machine)')
     args = p.parse_args()
     os.chdir(ROOT)
     sources = image_utils.list_images(BOTTLE_TEST if os.path.isdir(BOTTLE_TEST) else 'images')
     results = {'sources': BOTTLE_TEST if os.path.isdir(BOTTLE_TEST) else 'images', 'cpus': os.cpu_count()}
     with tempfile.TemporaryDirectory() as work:
         feat = os.path.join(work, 'train.pkl')
+        if args.feat:
+            shutil.copy(args.feat, feat)
         assert mahalanobisad.run(['-f', feat, '-i', 'images/good_000.png', '--no_figures',
-                                  '--model_dir', args.model_dir]) == 0  # fits on train/, stores thresholds
+                                  '--model_dir', args.model_dir]) == 0  # fits on train/ if needed, stores thresholds
         threshold = Detector.load(feat, model_dir=args.model_dir).threshold_
         common = ['-f', feat, '--model_dir', args.model_dir]
         fixed = common + ['-th', str(threshold), '--no_figures']
