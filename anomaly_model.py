@@ -12,8 +12,9 @@ Methods, each over the same backbone feature maps (`METHODS`):
   nearest-neighbour distance with the paper's re-weighting (Roth et al., 2022).
 Every method has the same interface (`AnomalyMethod`), so fitting, hold-out thresholds, scoring and
 the feature file are written once. Thresholds: F1-optimal from labelled images, or from held-out
-training images. The feature file is an .npz archive read with allow_pickle=False, so loading it
-cannot execute code.
+training images (a conformal order statistic for a stated false-positive rate); training images that
+look defective can be left out of the fit (`holdout_without_outliers`). The feature file is an .npz
+archive read with allow_pickle=False, so loading it cannot execute code.
 """
 import io
 import json
@@ -478,19 +479,105 @@ def holdout_scores(method, features, groups, output_size, folds=5, seed=0):
     In-sample scores are biased low; these are what a new normal image would get. features: the
     method's training features; groups: (N,) source image of each row (augmented copies share their
     source's group, so none leaks into its own fit). Returns (image scores (N,), the largest pixel
-    score of any held-out map, or None for a method without maps).
+    score of each row's held-out map (N,), or None for a method without maps).
     """
     unique = np.unique(groups)
     fold_of_group = np.random.default_rng(seed).permutation(len(unique)) % min(folds, len(unique))
     fold = fold_of_group[np.searchsorted(unique, groups)]
-    image_scores, pixel_max = np.empty(len(groups)), None
+    image_scores, pixel_maxima = np.empty(len(groups)), np.empty(len(groups))
     for k in np.unique(fold):
         held, kept = fold == k, fold != k
         model = type(method)(**method.params).fit(select_features(features, kept), approximate=True)
         image_scores[held], maps = model.score(select_features(features, held), output_size)
-        if maps is not None:
-            pixel_max = max(float(maps.max()), pixel_max if pixel_max is not None else -np.inf)
-    return image_scores, pixel_max
+        if maps is None:
+            pixel_maxima = None
+        else:
+            pixel_maxima[held] = maps.reshape(len(maps), -1).max(axis=1)
+    return image_scores, pixel_maxima
+
+
+def conformal_threshold(scores, fpr):
+    """The threshold at which a new normal image is flagged with probability at most `fpr`.
+
+    scores: (n,) held-out scores of normal images, exchangeable with a new normal image's. The
+    threshold is the order statistic s_(k), k = ceil((n + 1)(1 - fpr)) (split conformal): the new
+    score's rank among the n + 1 is uniform, so it exceeds s_(k) with probability (n + 1 - k) / (n + 1)
+    <= fpr (and equals it with probability 0 for continuous scores, so `score >= threshold` flags the
+    same). Applied to each held-out image's largest pixel score, the same rule gives the pixel
+    threshold: a normal image has any pixel at or above it with probability at most `fpr`.
+    Returns (threshold, certified); when n < 1/fpr - 1 no order statistic certifies `fpr`
+    (k > n): the largest score, and certified False.
+    """
+    ordered = np.sort(np.asarray(scores, np.float64).ravel())
+    n = len(ordered)
+    k = int(np.ceil(round((n + 1) * (1 - fpr), 9)))  # rounded: (n + 1)(1 - 1/(n + 1)) is n, not n + 1e-15
+    if k > n:
+        return float(ordered[-1]), False
+    return float(ordered[max(k, 1) - 1]), True
+
+
+ROBUST_Z_CUT = 3.5
+CONTAMINATION_ROUNDS = 3
+
+
+def robust_outliers(scores, cut=ROBUST_Z_CUT):
+    """Which scores lie far above the bulk: (n,) -> (n,) bool.
+
+    The modified z-score of Iglewicz and Hoaglin, 0.6745 (s - median) / MAD > cut (3.5, their
+    recommendation): median and MAD ignore up to half the sample, so defective images hiding among
+    the training images cannot mask themselves by inflating the spread as they would a mean and a
+    standard deviation. Only the upper side counts: a defect scores high, never low.
+    """
+    scores = np.asarray(scores, np.float64)
+    median = np.median(scores)
+    mad = np.median(np.abs(scores - median))
+    if mad == 0:
+        return scores > median
+    return 0.6745 * (scores - median) / mad > cut
+
+
+def first_rows(groups):
+    """Index of the first row of each source image, in the order of np.unique(groups) (the plain,
+    unaugmented view: the fit lists it before its augmented copies)."""
+    return np.unique(groups, return_index=True)[1]
+
+
+def holdout_without_outliers(method, features, groups, output_size, contamination=None, seed=0,
+                             rounds=CONTAMINATION_ROUNDS):
+    """Held-out scores of the training images, after leaving out those that look defective.
+
+    Each round computes held-out (k-fold) scores of the images still kept, one per source image (its
+    plain view), and drops the outliers; the next round refits without them, so defects that the
+    first fits had absorbed stand out. contamination: None (drop nothing), 'auto' (`robust_outliers`,
+    until a round finds none; never more than half the images) or a fraction in (0, 0.5): that share
+    of the images, the highest scored, dropped over the rounds in equal parts.
+    Returns (kept: (N,) bool over rows, image scores (n_kept,), pixel maxima (n_kept,) or None, both
+    in np.unique(groups[kept]) order, excluded: [(group, held-out score, round)] in exclusion order).
+    """
+    kept, excluded = np.ones(len(groups), bool), []
+    n_images = len(np.unique(groups))
+    if contamination not in (None, 'auto'):  # that share, dropped in parts of at least one image
+        target = int(np.floor(contamination * n_images + 0.5))
+        rounds = min(rounds, target)
+    for round_ in range(1, rounds + 2):
+        image_scores, pixel_maxima = holdout_scores(method, select_features(features, kept), groups[kept],
+                                                    output_size, seed=seed)
+        plain = first_rows(groups[kept])
+        image_groups, image_scores = groups[kept][plain], image_scores[plain]
+        pixel_maxima = None if pixel_maxima is None else pixel_maxima[plain]
+        if contamination is None or round_ > rounds:
+            break
+        if contamination == 'auto':
+            flagged = np.nonzero(robust_outliers(image_scores))[0]
+            flagged = flagged[np.argsort(-image_scores[flagged], kind='stable')][:n_images // 2 - len(excluded)]
+        else:
+            count = int(np.floor(target * round_ / rounds + 0.5)) - len(excluded)
+            flagged = np.argsort(-image_scores, kind='stable')[:count]
+        if not len(flagged):
+            break
+        excluded += [(int(image_groups[i]), float(image_scores[i]), round_) for i in flagged]
+        kept &= ~np.isin(groups, image_groups[flagged])
+    return kept, image_scores, pixel_maxima, excluded
 
 
 # ----------------------------------------------------------------------------------------------

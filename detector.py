@@ -40,7 +40,7 @@ logger = logging.getLogger('mahalanobisad')
 # Settings that change the features themselves: a feature file fitted with others cannot be used.
 FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names', 'method')
 # Settings of the fit: the CLI does not silently reuse a default-named feature file fitted with others.
-FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed', 'method_options')
+FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed', 'method_options', 'contamination')
 HOLDOUT_SOURCE = 'training hold-out'
 STORED_PREFIX = 'stored: '  # threshold_source_ of thresholds reused from a feature file
 
@@ -145,6 +145,30 @@ def _paired(images, masks):
         raise UsageError('images and masks differ in length') from None
 
 
+def check_contamination(contamination):
+    """None, 'auto' or a fraction in (0, 0.5) -> itself (a float for a fraction); else UsageError."""
+    if contamination is None or contamination == 'auto':
+        return contamination
+    try:
+        fraction = float(contamination)
+    except (TypeError, ValueError):
+        fraction = None
+    if isinstance(contamination, bool) or fraction is None or not 0 < fraction < 0.5:
+        raise UsageError(f"contamination must be 'auto' or a fraction in (0, 0.5), got {contamination!r}")
+    return fraction
+
+
+def check_fpr(fpr):
+    """A false-positive rate in (0, 1) -> float; else UsageError."""
+    try:
+        value = float(fpr)
+    except (TypeError, ValueError):
+        value = None
+    if isinstance(fpr, bool) or value is None or not 0 < value < 1:
+        raise UsageError(f'fpr must be in (0, 1), got {fpr!r}')
+    return value
+
+
 def _length(items):
     try:
         return len(items)
@@ -160,17 +184,19 @@ class Detector:
     backbones), seed (augmentation, channel subsets, coresets, folds), batch_size (images per
     backbone run), model_url (base URL of b0..b7 downloads), padim_dims, spade_k, coreset_ratio
     (method options, as the CLI flags), aug_num (augmented views per training image; 0 = none),
-    provider (onnxruntime execution provider of the backbone, e.g. 'CUDAExecutionProvider';
-    None = 'CPUExecutionProvider'). The backbone is opened on first use, so constructing a Detector
-    is cheap and offline.
+    contamination (None: trust every training image; 'auto' or a fraction in (0, 0.5): leave out the
+    training images that look defective, see `fit`). The backbone is opened on first use, so
+    constructing a Detector is cheap and offline.
 
     Fitted attributes: method_ (the fitted anomaly_model.AnomalyMethod), meta_ (what produced it:
-    backbone, settings, n_train_images, held-out thresholds and scores), threshold_ (image score
-    threshold: anomalous if score >= threshold_), pixel_threshold_ (anomaly-map value from which a
-    pixel counts as defective; None without maps), threshold_source_ (where the threshold came from),
-    calibration_ (F1 figures of the last calibrate, or None), calibrated_on_ (labelled_set_fingerprint
-    of the labelled images the thresholds were derived for, None if not derived from labelled images;
-    saved with the thresholds, see use_stored_thresholds).
+    backbone, settings, n_train_images, held-out thresholds and scores, excluded_train_images),
+    threshold_ (image score threshold: anomalous if score >= threshold_), pixel_threshold_
+    (anomaly-map value from which a pixel counts as defective; None without maps), threshold_source_
+    (where the threshold came from), target_fpr_ (the false-positive rate the hold-out threshold
+    guarantees, or None for a threshold from elsewhere), calibration_ (F1 figures of the last
+    calibrate, or None), calibrated_on_ (labelled_set_fingerprint of the labelled images the
+    thresholds were derived for, None if not derived from labelled images; saved with the thresholds,
+    see use_stored_thresholds). provider: onnxruntime execution provider of the backbone (None = CPU).
 
     images, everywhere: an iterable of file paths and/or RGB uint8 arrays (H, W, 3) of any size,
     streamed through a bounded thread pool (memory flat in the number of images, decoding overlapped
@@ -179,7 +205,7 @@ class Detector:
 
     def __init__(self, model=model_utils.DEFAULT_MODEL, method='mahalanobis', model_dir='models', seed=0,
                  batch_size=16, model_url=None, padim_dims=200, spade_k=50, coreset_ratio=0.1, aug_num=0,
-                 provider=None):
+                 contamination=None, provider=None):
         if method not in anomaly_model.METHODS:
             raise UsageError(f'unknown method {method!r}: choose one of {", ".join(anomaly_model.METHODS)}')
         for name, value, lowest in (('seed', seed, 0), ('batch_size', batch_size, 1), ('padim_dims', padim_dims, 1),
@@ -192,8 +218,9 @@ class Detector:
         self.seed, self.batch_size, self.aug_num = int(seed), int(batch_size), int(aug_num)
         self.padim_dims, self.spade_k, self.coreset_ratio = int(padim_dims), int(spade_k), float(coreset_ratio)
         self.provider = provider
+        self.contamination = check_contamination(contamination)
         self.method_ = self.meta_ = self.calibration_ = self.calibrated_on_ = None
-        self.threshold_ = self.pixel_threshold_ = self.threshold_source_ = None
+        self.threshold_ = self.pixel_threshold_ = self.threshold_source_ = self.target_fpr_ = None
 
     # ------------------------------------------------------------------------------------------
     # backbone and settings
@@ -224,7 +251,8 @@ class Detector:
         return {'backbone': spec.name, 'input_size': spec.input_size, 'resize_size': spec.resize_size,
                 'mean': list(spec.mean), 'std': list(spec.std), 'feature_names': self.extractor.output_names,
                 'method': self.method, 'method_options': dict(self._new_method().params),
-                'aug': self.aug_num > 0, 'aug_num': self.aug_num, 'seed': self.seed}
+                'aug': self.aug_num > 0, 'aug_num': self.aug_num, 'seed': self.seed,
+                'contamination': self.contamination}
 
     # ------------------------------------------------------------------------------------------
     # image -> network view (the items of `images`)
@@ -273,20 +301,24 @@ class Detector:
 
         Unreadable images are skipped with a warning; at least 2 must be readable. Also computes
         held-out scores of the training images (k-fold) and sets threshold_ / pixel_threshold_ from
-        them. source: what the images are (the CLI passes the training directory), recorded in meta_.
+        them. With `contamination`, the images whose held-out scores are outliers are left out
+        (anomaly_model.holdout_without_outliers: a few rounds of refit and rescore), logged and
+        recorded in meta_['excluded_train_images']. source: what the images are (the CLI passes the
+        training directory), recorded in meta_.
         """
         spec, extractor, method = self.spec, self.extractor, self._new_method()
-        batches, groups = [], []
+        batches, groups, names = [], [], {}
         with tqdm(total=_length(images), desc='fit: features', unit='img') as progress, \
                 threadpool_limits(1, 'blas'):
             for batch in image_utils.stream(enumerate(images), lambda item: self._views_for_fit(*item),
                                             self.batch_size):
                 progress.update(len(batch))
                 views = []
-                for (index, _), loaded in batch:
+                for (index, image), loaded in batch:
                     if isinstance(loaded, ImageError):
                         logger.warning('skipping training image: %s', loaded)
                         continue
+                    names[index] = f'array #{index}' if isinstance(image, np.ndarray) else os.fspath(image)
                     views += loaded
                     groups += [index] * len(loaded)
                 for start in range(0, len(views), self.batch_size):
@@ -297,15 +329,25 @@ class Detector:
         n_images = len(set(groups))
         if n_images < 2:
             raise UsageError(f'need at least 2 readable training images, found {n_images}')
-        train_features = anomaly_model.concatenate_features(batches)
-        logger.info('fitting %s on %d views of %d images', method.name, len(groups), n_images)
-        method.fit(train_features)
-        image_scores, pixel_max = anomaly_model.holdout_scores(method, train_features, np.array(groups),
-                                                               spec.input_size, seed=self.seed)
+        train_features, groups = anomaly_model.concatenate_features(batches), np.array(groups)
+        if self.contamination is not None:
+            logger.info('looking for defective training images (contamination %s)', self.contamination)
+        kept, image_scores, pixel_maxima, excluded = anomaly_model.holdout_without_outliers(
+            method, train_features, groups, spec.input_size, self.contamination, seed=self.seed)
+        for group, score, round_ in excluded:
+            logger.warning('excluded training image (held-out score %.3f, round %d): %s', score, round_, names[group])
+        if self.contamination is not None:
+            logger.info('excluded %d of %d training images', len(excluded), n_images)
+        logger.info('fitting %s on %d views of %d images', method.name, int(kept.sum()), n_images - len(excluded))
+        method.fit(anomaly_model.select_features(train_features, kept))
         self.method_ = method
-        self.meta_ = dict(self.settings(), model=self.model, train_dir=source, n_train_images=n_images,
-                          holdout_thresholds={'image': float(image_scores.max()), 'pixel': pixel_max},
-                          holdout_scores=[float(s) for s in image_scores])
+        self.meta_ = dict(self.settings(), model=self.model, train_dir=source,
+                          n_train_images=n_images - len(excluded),
+                          holdout_thresholds={'image': float(image_scores.max()),
+                                              'pixel': None if pixel_maxima is None else float(pixel_maxima.max())},
+                          holdout_scores=[float(s) for s in image_scores],
+                          holdout_pixel_maxima=None if pixel_maxima is None else [float(s) for s in pixel_maxima],
+                          excluded_train_images=[names[group] for group, _, _ in excluded])
         self.calibration_ = None
         self.use_holdout_thresholds(log=False)
         return self
@@ -399,25 +441,49 @@ class Detector:
         threshold = float(threshold)
         if not np.isfinite(threshold):
             raise UsageError(f'threshold must be a finite number, got {threshold}')
-        self.threshold_, self.threshold_source_ = threshold, source
+        self.threshold_, self.threshold_source_, self.target_fpr_ = threshold, source, None
         if pixel_threshold is not None:
             self.pixel_threshold_ = float(pixel_threshold)
         logger.info('image threshold %.3f from %s', threshold, source)
         return self
 
-    def use_holdout_thresholds(self, image=True, pixel=True, log=True):
-        """Thresholds from the training hold-out: the largest held-out image score (and pixel score)."""
-        holdout = self.meta_['holdout_thresholds']
+    def use_holdout_thresholds(self, image=True, pixel=True, log=True, fpr=None):
+        """Thresholds from the held-out scores of the n training images, for a false-positive rate.
+
+        fpr: a new normal image is flagged (image threshold), or shows any pixel at or above the pixel
+        threshold, with probability at most fpr (anomaly_model.conformal_threshold on the held-out
+        image scores, and on each held-out image's largest pixel score). None: the largest held-out
+        scores, which is the same rule for fpr = 1/(n + 1). With n < 1/fpr - 1 no threshold can
+        guarantee fpr: a warning, and the largest scores.
+        """
+        self._check_fitted()
+        scores = self.meta_['holdout_scores']
+        n = len(scores)
+        target = 1 / (n + 1) if fpr is None else check_fpr(fpr)
         if image:
-            self.threshold_, self.threshold_source_ = holdout['image'], HOLDOUT_SOURCE
+            self.threshold_, certified = anomaly_model.conformal_threshold(scores, target)
+            self.threshold_source_, self.target_fpr_ = HOLDOUT_SOURCE, target
+            if not certified:
+                self.target_fpr_ = 1 / (n + 1)
+                logger.warning('%d held-out training images cannot guarantee FPR %g (that needs at least %d): '
+                               'using the largest score', n, target, int(np.ceil(1 / target - 1)))
+            elif fpr is not None:
+                self.threshold_source_ = f'{HOLDOUT_SOURCE}, FPR {target:g}'
             self.calibrated_on_ = None
             if log:
-                logger.info('image threshold %.3f: the largest score of held-out training images', self.threshold_)
+                logger.info('image threshold %.3f from %d held-out training images: a new normal image is flagged '
+                            'with probability at most %.4f', self.threshold_, n, self.target_fpr_)
         if pixel:
-            self.pixel_threshold_ = holdout['pixel'] if self.localizes else None
+            maxima = self.meta_.get('holdout_pixel_maxima')
+            if not self.localizes:
+                self.pixel_threshold_ = None
+            elif maxima is None:  # a feature file from before per-image maxima were kept
+                self.pixel_threshold_ = self.meta_['holdout_thresholds']['pixel']
+            else:
+                self.pixel_threshold_ = anomaly_model.conformal_threshold(maxima, target)[0]
             if log and self.localizes:
-                logger.info('pixel threshold %.3f: the largest pixel score of held-out training images',
-                            self.pixel_threshold_)
+                logger.info('pixel threshold %.3f: a held-out normal image has any pixel above it with '
+                            'probability at most %.4f', self.pixel_threshold_, max(target, 1 / (n + 1)))
         return self
 
     def calibrate(self, images, masks, source=None, fingerprint=None):
@@ -447,7 +513,7 @@ class Detector:
             self.calibrated_on_ = fingerprint  # what this set gives, so it is not scored again for the same answer
             return self
         threshold, f1 = anomaly_model.f1_optimal_threshold(labels, [r.score for r in results])
-        self.threshold_, self.threshold_source_ = threshold, f'F1-optimal on {source}'
+        self.threshold_, self.threshold_source_, self.target_fpr_ = threshold, f'F1-optimal on {source}', None
         self.calibration_ = {'image_f1': f1, 'n_images': len(results), 'n_anomalous': int(labels.sum())}
         logger.info('image threshold %.3f maximises F1 (%.3f) on %d labelled images (%d anomalous)',
                     threshold, f1, len(results), labels.sum())
@@ -509,7 +575,7 @@ class Detector:
         self._check_fitted()
         meta = dict(self.meta_, thresholds={'image': self.threshold_, 'pixel': self.pixel_threshold_,
                                             'source': self.threshold_source_.removeprefix(STORED_PREFIX),
-                                            'labelled': self.calibrated_on_})
+                                            'target_fpr': self.target_fpr_, 'labelled': self.calibrated_on_})
         anomaly_model.save_feature_file(path, meta, self.method_)
         return self
 
@@ -531,13 +597,14 @@ class Detector:
         detector = cls(model, method or meta['method'], model_dir, meta.get('seed', 0), batch_size, model_url,
                        padim_dims=options.get('dims', 200), spade_k=options.get('k', 50),
                        coreset_ratio=options.get('coreset_ratio', 0.1), aug_num=meta.get('aug_num', 0),
-                       provider=provider)
+                       contamination=meta.get('contamination'), provider=provider)
         check_settings(path, meta, detector.settings(), FEATURE_SETTINGS,
                        'cannot be used with this backbone and method', 'pass --feat with a new file name to fit one')
         detector.method_, detector.meta_ = fitted, meta
         stored = meta.get('thresholds')
         if stored and stored.get('image') is not None:
             detector.threshold_, detector.threshold_source_ = stored['image'], stored['source']
+            detector.target_fpr_ = stored.get('target_fpr')
             detector.pixel_threshold_ = stored['pixel'] if detector.localizes else None
             detector.calibrated_on_ = stored.get('labelled')
         else:

@@ -34,7 +34,9 @@ from detector import pixel_arrays  # noqa: E402
 logger = logging.getLogger('evaluate')
 
 METRIC_KEYS = ('category', 'method', 'model', 'image_auroc', 'pixel_auroc', 'aupro', 'image_f1',
-               'fit_s', 'images_per_s', 'peak_mb')
+               'fit_s', 'images_per_s', 'peak_mb', 'target_fpr', 'test_fpr', 'test_recall', 'test_map_fpr',
+               'planted', 'planted_excluded', 'excluded')
+COUNT_KEYS = ('planted', 'planted_excluded', 'excluded')  # summed, not averaged, in the mean row
 EXAMPLES_PER_END = 2  # figures of the best and of the worst scored defects
 
 
@@ -46,7 +48,8 @@ def aupro(masks, maps, max_fpr=0.3):
     """Area under the per-region-overlap curve up to `max_fpr`, normalised to [0, 1] (MVTec AD).
 
     masks: bool (N, H, W) ground truth; maps: float (N, H, W) anomaly maps. For every threshold,
-    PRO is the mean over all connected defect regions of the fraction of the region flagged, and
+    PRO is the mean over all connected defect regions (8-connected, as in MVTec's evaluation code:
+    regions touching at a corner are one) of the fraction of the region flagged, and
     FPR the fraction of defect-free pixels flagged; the curve is integrated over FPR in [0, max_fpr].
     Exact at every distinct score (one sort, cumulative sums), as in the MVTec AD evaluation code.
     Returns None when there are no defect regions.
@@ -55,7 +58,7 @@ def aupro(masks, maps, max_fpr=0.3):
     regions = np.zeros(masks.shape, np.int64)
     n_regions = 0
     for i, mask in enumerate(masks):
-        labels, count = ndimage.label(mask)
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
         regions[i] = np.where(labels > 0, labels + n_regions, 0)
         n_regions += count
     if n_regions == 0:
@@ -101,18 +104,42 @@ def reset_peak_memory():
 # one category
 # ----------------------------------------------------------------------------------------------
 
+def is_defective(path, test_dir):
+    """Whether a test image lies outside test/good (MVTec's layout)."""
+    return os.path.relpath(path, test_dir).split(os.sep)[0] != 'good'
+
+
+def plant_defects(train_paths, test_paths, test_dir, fraction, seed):
+    """The contamination protocol (Rippel et al. 2021): a seeded `fraction` (of the number of training
+    images) of the defective test images moves into the training set -> (train, test, planted)."""
+    defective = [p for p in test_paths if is_defective(p, test_dir)]
+    count = int(round(fraction * len(train_paths)))
+    if count > len(defective):
+        raise mahalanobisad.UsageError(f'--contaminate {fraction} needs {count} defective test images, '
+                                       f'{test_dir} has {len(defective)}')
+    planted = set(np.random.default_rng(seed).choice(defective, count, replace=False).tolist())
+    return train_paths + sorted(planted), [p for p in test_paths if p not in planted], sorted(planted)
+
+
 def evaluate_category(root, args):
     """Fit on root/train/good, score root/test -> (metrics row, inspected test images, their labels,
-    the calibrated Detector, (masks, maps) from `pixel_arrays` or None).
+    the Detector, (masks, maps) from `pixel_arrays` or None).
 
     Thresholds are F1-optimal on the test set (the pixel one where there are masks, else the training
-    hold-out's)."""
+    hold-out's); with --fpr, the training hold-out's for that rate, whose false-positive rate and
+    recall on the test set the row reports. With --contaminate, defective test images are planted
+    among the training images first (`plant_defects`)."""
     category = os.path.basename(os.path.normpath(root))
     train_dir = os.path.join(root, 'train', 'good')
     train_paths = image_utils.list_images(train_dir)
     test_dir, gt_dir = os.path.join(root, 'test'), os.path.join(root, 'ground_truth')
     test_paths = image_utils.list_images(test_dir)
     has_ground_truth = os.path.isdir(gt_dir)
+    planted = None
+    if args.contaminate:
+        train_paths, test_paths, planted = plant_defects(train_paths, test_paths, test_dir, args.contaminate,
+                                                         args.seed)
+        logger.info('%s: planted %d defective test images among the training images', category, len(planted))
     logger.info('%s: %d train images, %d test images%s', category, len(train_paths), len(test_paths),
                 '' if has_ground_truth else ' (no ground_truth/: image-level only)')
 
@@ -127,8 +154,8 @@ def evaluate_category(root, args):
     images_per_s = len(scored) / (time.perf_counter() - start)
 
     # An image is anomalous if it has a defect mask, or (without ground truth) lies outside test/good.
-    labels = np.array([s.gt_mask.any() if s.gt_mask is not None
-                       else os.path.relpath(s.path, test_dir).split(os.sep)[0] != 'good' for s in scored])
+    labels = np.array([s.gt_mask.any() if s.gt_mask is not None else is_defective(s.path, test_dir)
+                       for s in scored])
     scores = np.array([s.score for s in scored])
     if labels.all() or not labels.any():
         raise mahalanobisad.UsageError(f'{test_dir} needs both good and defective images to evaluate')
@@ -141,11 +168,23 @@ def evaluate_category(root, args):
            'image_auroc': float(roc_auc_score(labels, scores)), 'pixel_auroc': None, 'aupro': None,
            'image_f1': image_f1, 'fit_s': fit_s, 'images_per_s': images_per_s,
            'peak_mb': peak_memory_mb()}
+    row.update(dict.fromkeys(METRIC_KEYS[10:]), excluded=len(detector.meta_['excluded_train_images']))
+    if planted is not None:
+        row.update(planted=len(planted),
+                   planted_excluded=len(set(planted) & set(detector.meta_['excluded_train_images'])))
     pixels = None
     if has_ground_truth and detector.localizes:
         pixels = pixel_arrays(scored)
         row['pixel_auroc'] = float(roc_auc_score(pixels[0].ravel(), pixels[1].ravel()))
         row['aupro'] = aupro(*pixels)
+    if args.fpr is not None:
+        detector.use_holdout_thresholds(fpr=args.fpr)
+        flagged = scores >= detector.threshold_
+        row.update(target_fpr=args.fpr, test_fpr=float(flagged[~labels].mean()),
+                   test_recall=float(flagged[labels].mean()))
+        if detector.localizes:  # normal test images whose map shows any pixel at or above the pixel threshold
+            row['test_map_fpr'] = float(np.mean([s.anomaly_map.max() >= detector.pixel_threshold_
+                                                 for s, label in zip(scored, labels) if not label]))
     return row, scored, labels, detector, pixels
 
 
@@ -188,6 +227,8 @@ def save_category_figures(folder, row, scored, labels, detector, pixels):
 def format_table(rows):
     columns = [('category', '{}'), ('image_auroc', '{:.4f}'), ('pixel_auroc', '{:.4f}'), ('aupro', '{:.4f}'),
                ('image_f1', '{:.4f}'), ('fit_s', '{:.1f}'), ('images_per_s', '{:.1f}'), ('peak_mb', '{:.0f}')]
+    columns += [(name, '{:.4f}' if name.startswith(('target', 'test')) else '{}') for name in METRIC_KEYS[10:]
+                if any(row[name] is not None for row in rows)]
     lines = [' | '.join(name for name, _ in columns)]
     for row in rows:
         lines.append(' | '.join('-' if row[name] is None else fmt.format(row[name]) for name, fmt in columns))
@@ -198,7 +239,7 @@ def mean_row(rows):
     mean = {'category': 'mean', 'method': rows[0]['method'], 'model': rows[0]['model']}
     for key in METRIC_KEYS[3:]:
         values = [r[key] for r in rows if r[key] is not None]
-        mean[key] = float(np.mean(values)) if values else None
+        mean[key] = (int(np.sum(values)) if key in COUNT_KEYS else float(np.mean(values))) if values else None
     mean['peak_mb'] = max(r['peak_mb'] for r in rows)
     return mean
 
@@ -223,6 +264,10 @@ def parse_args(argv=None):
     p.add_argument('--category', action='append', default=None,
                    help='category to evaluate (repeatable); default every category found')
     p.add_argument('--save_path', default='results', help='folder for metrics.csv/json and figures')
+    p.add_argument('--contaminate', type=mahalanobisad.open_fraction, default=None, metavar='FRACTION',
+                   help='move a seeded FRACTION (of the number of training images) of the defective test images '
+                        'into the training set (Rippel et al. 2021)')
+    mahalanobisad.add_holdout_arguments(p)
     mahalanobisad.add_model_arguments(p)
     return p.parse_args(argv)
 

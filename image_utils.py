@@ -20,6 +20,17 @@ MASK_SUFFIXES = ('', '_mask')
 AUG_MAX_ROTATION_DEG = 10.0
 
 
+# Cores this process may use, where it shares a machine with others (score_archive's Dask workers set it).
+THREADS_ENV = 'MAHALANOBISAD_THREADS'
+
+
+def thread_budget():
+    """The number of threads for decoding and the backbone: $MAHALANOBISAD_THREADS if it is a
+    positive integer, else every core."""
+    value = os.environ.get(THREADS_ENV, '')
+    return int(value) if value.isdigit() and int(value) > 0 else os.cpu_count() or 1
+
+
 class ImageError(ValueError):
     """An image or mask cannot be used; the message names the file and the reason."""
 
@@ -39,10 +50,7 @@ def list_images(paths):
     found = []
     for path in paths:
         if os.path.isdir(path):
-            in_dir = []
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                in_dir += [os.path.join(root, f) for f in sorted(files) if is_image_file(f)]
+            in_dir = list(walk_images(path))
             if not in_dir:
                 raise ImageError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found in directory {path}')
             found += in_dir
@@ -53,6 +61,14 @@ def list_images(paths):
         else:
             raise ImageError(f'no such file or directory: {path}')
     return found
+
+
+def walk_images(directory):
+    """Yield the image files under `directory`, lazily, in `list_images` order and form (the directory
+    joined with each file's relative path): a listing of any size in constant memory."""
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        yield from (os.path.join(root, f) for f in sorted(files) if is_image_file(f))
 
 
 def _decode(path, flags):
@@ -209,7 +225,7 @@ def stream(items, load, batch_size, workers=None):
     memory stays flat in the number of items while decoding overlaps the caller's work (OpenCV
     releases the GIL while decoding and resizing).
     """
-    workers = workers or os.cpu_count() or 1
+    workers = workers or thread_budget()
     items = iter(items)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         def submit():

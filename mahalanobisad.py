@@ -68,6 +68,32 @@ def finite_float(text):
     return value
 
 
+def open_fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f'must be in (0, 1), got {text}')
+    return value
+
+
+def contamination_value(text):
+    if text == 'auto':
+        return text
+    value = float(text)
+    if not 0 < value < 0.5:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a fraction in (0, 0.5), got {text}")
+    return value
+
+
+def add_holdout_arguments(p):
+    """Flags on the training hold-out (threshold for a false-positive rate, contaminated training
+    folders), shared with evaluate.py."""
+    p.add_argument('--fpr', type=open_fraction, default=None, metavar='ALPHA',
+                   help='image (and pixel) thresholds that flag a new normal image with probability at most ALPHA, '
+                        'from held-out training scores; wins over labelled images')
+    p.add_argument('--contamination', type=contamination_value, default=None, metavar='auto|FRACTION',
+                   help='leave out training images that look defective: auto (robust outlier rule) or that share')
+
+
 def add_model_arguments(p):
     """Backbone, method and fitting flags, shared with evaluate.py."""
     p.add_argument('-m', '--model', default=model_utils.DEFAULT_MODEL,
@@ -120,6 +146,7 @@ def parse_args(argv=None):
     p.add_argument('--no_figures', action='store_true', help='write no figures')
     p.add_argument('--json', default=None, metavar='PATH',
                    help='write scores and verdicts as JSON (JSON Lines, one line per frame or file, with -v/--watch)')
+    add_holdout_arguments(p)
     p.add_argument('-b', '--benchmark', action='store_true',
                    help='time the image inputs: per-stage and end-to-end milliseconds per image')
     p.add_argument('-bc', '--benchmark_count', type=positive_int, default=5, help='runs of --benchmark')
@@ -186,7 +213,8 @@ def detector_from_args(args):
     return Detector(model=args.model, method=args.method, model_dir=args.model_dir, seed=args.seed,
                     batch_size=args.batch_size, model_url=args.model_url, padim_dims=args.padim_dims,
                     spade_k=args.spade_k, coreset_ratio=args.coreset_ratio,
-                    aug_num=args.aug_num if args.aug else 0, provider=execution_provider(args.env_id))
+                    aug_num=args.aug_num if args.aug else 0, contamination=args.contamination,
+                    provider=execution_provider(args.env_id))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +237,7 @@ def decide_thresholds(detector, args, masks_from, feat_path):
     """Set the detector's thresholds -> {realpath: Inspection} of the labelled images scored for them.
 
     --threshold given: nothing is scored, the pixel threshold comes from the training hold-out.
+    --fpr given: both from the training hold-out for that false-positive rate (labelled images unused).
     Thresholds stored in the feature file for the same labelled set (masks_from: same files, sizes,
     modification times, same rule) are reused and nothing is scored; without labelled images, stored
     ones are reused too (hold-out ones are recomputed). Else, or with --recalibrate, the labelled
@@ -218,11 +247,13 @@ def decide_thresholds(detector, args, masks_from, feat_path):
     if args.threshold is not None:
         detector.set_threshold(args.threshold, '--threshold').use_holdout_thresholds(image=False)
         return {}
-    if masks_from is None:
-        if args.recalibrate or detector.threshold_source_.startswith(HOLDOUT_SOURCE):  # a rule: recomputed
-            detector.use_holdout_thresholds()
-        else:
-            detector.use_stored_thresholds(None)
+    if args.fpr is not None or masks_from is None:
+        if args.fpr is not None and masks_from is not None:
+            logger.info('--fpr %g: thresholds from the training hold-out, not from %s', args.fpr, masks_from[0])
+        if args.fpr is None and not args.recalibrate and not detector.threshold_source_.startswith(HOLDOUT_SOURCE):
+            detector.use_stored_thresholds(None)  # a decision stored without labelled images to check it against
+        else:  # a rule: recomputed
+            detector.use_holdout_thresholds(fpr=args.fpr)
         return {}
     test_dir, gt_dir = masks_from
     paths = image_utils.list_images(test_dir)
@@ -294,7 +325,8 @@ def score_images(detector, inputs, labelled, masks_from, args):
     if args.json:
         report = {'model': detector.spec.name, 'threshold': detector.threshold_,
                   'threshold_source': detector.threshold_source_, 'pixel_threshold': detector.pixel_threshold_,
-                  'images': results}
+                  'target_fpr': detector.target_fpr_, 'n_holdout': len(detector.meta_['holdout_scores']),
+                  'excluded_train_images': detector.meta_.get('excluded_train_images', []), 'images': results}
         model_utils.atomic_write_bytes(args.json, json.dumps(report, indent=1).encode())
         logger.info('wrote %s', args.json)
     return results
@@ -337,6 +369,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.env_list:
         return list_providers()
+    if args.threshold is not None and args.fpr is not None:
+        raise UsageError('--threshold and --fpr both set the image threshold: give one of them')
     detector = detector_from_args(args)
     detector.spec  # opens (or downloads) the backbone first: a bad -m fails before any other work
     image_mode = args.video is None and args.watch is None

@@ -30,6 +30,8 @@ import requests
 from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
+import image_utils
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -343,7 +345,7 @@ def _open_session(path_or_bytes, provider=None):
     for the operators they lack)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = os.cpu_count() or 1
+    options.intra_op_num_threads = image_utils.thread_budget()
     # Idle intra-op threads would spin and take the cores from the image decoders running alongside.
     options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     options.enable_mem_pattern = False  # measured: 135 MiB less at batch 16, no slower

@@ -162,7 +162,9 @@ def test_readme_python_example_runs(tmp_path, model_dir):
     section = readme.split('## Python API', 1)[1]
     code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
     code = code.replace("model_dir='models'", f'model_dir={model_dir!r}')
-    code = code.replace("'bottle_padim.pkl'", repr(str(tmp_path / 'bottle_padim.pkl')))
+    for name in ('bottle_padim.pkl', 'figure.png'):  # outputs go to the test's folder, not the repository
+        code = code.replace(repr(name), repr(str(tmp_path / name)))
     result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'ANOMALY' in result.stdout and os.path.exists(tmp_path / 'bottle_padim.pkl')
+    assert os.path.exists(tmp_path / 'figure.png')

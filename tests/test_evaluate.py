@@ -33,6 +33,18 @@ def test_aupro_regions_count_equally_across_images():
     assert evaluate.aupro(np.zeros((1, 3, 3), bool), np.zeros((1, 3, 3))) is None
 
 
+def test_aupro_regions_touching_at_a_corner_are_one_region():
+    """8-connectivity, as MVTec's evaluation code: two squares touching at a corner and a separate pixel
+    are 2 regions, not 3."""
+    mask = np.zeros((1, 6, 6), bool)
+    mask[0, :2, :2] = mask[0, 2:4, 2:4] = True  # touching at a corner
+    mask[0, 0, 5] = True                        # apart
+    maps = np.zeros((1, 6, 6))
+    maps[0, 0, 5] = 1                           # only the separate pixel is found
+    # PRO 1/2 at FPR 0 (1/3 with 4-connected labels), then linear to 1 at FPR 1: (0.5 + 0.65) / 2
+    assert evaluate.aupro(mask, maps) == pytest.approx(0.575)
+
+
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
     """Two MVTec-layout categories built from the sample data; 'nogt' has no ground_truth/."""
@@ -85,3 +97,22 @@ def test_unknown_category_is_a_one_line_error(dataset, capsys):
     assert run_cli(evaluate.main, 'evaluate.py', ['--data_path', dataset, '--category', 'carpet']) == 1
     err = capsys.readouterr().err
     assert 'evaluate.py: error: no category carpet' in err and 'found: bottle, nogt' in err
+
+
+def test_contaminate_plants_defects_and_reports_what_the_fit_left_out(dataset, tmp_path, model_dir):
+    rows = evaluate.main(['--data_path', dataset, '--category', 'bottle', '--save_path', str(tmp_path),
+                          '--model_dir', model_dir, '--contaminate', '0.2', '--contamination', '0.2',
+                          '--fpr', '0.25'])
+    bottle, mean = rows
+    assert bottle['planted'] == 2 and bottle['excluded'] == 3  # round(0.2 * 12); round(0.2 * 14)
+    assert 0 <= bottle['planted_excluded'] <= 2 and mean['planted'] == 2
+    assert bottle['target_fpr'] == 0.25 and 0 <= bottle['test_fpr'] <= 1 and 0 <= bottle['test_recall'] <= 1
+    assert bottle['test_map_fpr'] is not None
+    train = evaluate.image_utils.list_images(os.path.join(dataset, 'bottle', 'train', 'good'))
+    test_dir = os.path.join(dataset, 'bottle', 'test')
+    test = evaluate.image_utils.list_images(test_dir)
+    again = evaluate.plant_defects(train, test, test_dir, 0.2, 0)
+    assert again == evaluate.plant_defects(train, test, test_dir, 0.2, 0)  # seeded
+    planted = again[2]
+    assert len(planted) == 2 and all(evaluate.is_defective(p, test_dir) for p in planted)
+    assert not set(planted) & set(again[1]) and len(again[0]) == 14

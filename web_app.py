@@ -1,0 +1,463 @@
+"""A web console for the line: inspect parts, review results and set the threshold in a browser.
+
+    python3 web_app.py --feat bottle.pkl                 # serves http://127.0.0.1:8000
+    python3 web_app.py --feat bottle.pkl --data_root /srv/line3 --host 0.0.0.0 --token SECRET
+
+One page (static/) and a JSON API over the same fitted `Detector` as the command line: the model card,
+scoring uploaded images or a folder under --data_root (streamed through the batch pipeline, with
+progress), and a threshold control over the scores of the labelled (or held-out) images that saves the
+chosen threshold into the feature file. FastAPI + uvicorn: a well-kept ASGI stack whose request
+parsing (multipart, JSON) and test client we do not have to write.
+"""
+import argparse
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+import cv2
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+import image_utils
+import mahalanobisad
+from mahalanobisad import Detector
+
+logger = logging.getLogger('web_app')
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'static')
+STATIC_FILES = {'/': 'index.html', '/static/console.js': 'console.js', '/static/console.css': 'console.css'}
+TOKEN_COOKIE = 'console_token'
+CONSOLE_SOURCE = 'set in the console'
+MAX_LISTED_IMAGES = 5000       # an /api/images answer lists at most this many
+MULTIPART_OVERHEAD = 64 << 10  # bytes of a multipart body beyond the file itself (boundaries, headers)
+MAX_JSON_BODY = 64 << 10       # a JSON request is a few bytes; anything larger is refused unread
+# What a browser may do with our pages: only this server's own scripts and styles, figures as data URLs.
+SECURITY_HEADERS = [(b'content-security-policy', b"default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                                                 b"frame-ancestors 'none'; base-uri 'none'"),
+                    (b'x-content-type-options', b'nosniff'), (b'referrer-policy', b'no-referrer'),
+                    (b'cache-control', b'no-store')]
+
+
+def parse_args(argv=None):
+    p = mahalanobisad.OneLineArgumentParser(prog='web_app.py', description=__doc__.split('\n\n')[0],
+                                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('-f', '--feat', required=True, help='feature file fitted by mahalanobisad.py (threshold saved here)')
+    p.add_argument('--host', default='127.0.0.1', help='address to listen on (0.0.0.0: every interface)')
+    p.add_argument('--port', type=int, default=8000, help='TCP port')
+    p.add_argument('--data_root', default=None, help='folder whose images may be browsed and scored (none by default)')
+    p.add_argument('--token', default=None,
+                   help='require "Authorization: Bearer TOKEN" on every request (the page: open /?token=TOKEN)')
+    p.add_argument('--max_upload_mb', type=float, default=20, help='largest accepted upload, MiB')
+    p.add_argument('--test_dir', default=None, help='labelled images for the threshold control (default images, if present)')
+    p.add_argument('--gt_dir', default=None, help='masks of --test_dir images (default gt_masks)')
+    p.add_argument('-m', '--model', default=None, help='backbone to check the feature file against (default: its own)')
+    p.add_argument('--method', default=None, help='method to check the feature file against (default: its own)')
+    p.add_argument('-bs', '--batch_size', type=mahalanobisad.positive_int, default=16, help='images per backbone run')
+    p.add_argument('--model_dir', default='models', help='cache of ONNX backbones')
+    p.add_argument('--model_url', default=None, help='base URL of b0..b7 downloads')
+    args = p.parse_args(argv)
+    if not 0 < args.max_upload_mb < 4096:
+        p.error(f'--max_upload_mb must be in (0, 4096), got {args.max_upload_mb}')
+    for flag in ('data_root', 'test_dir', 'gt_dir'):  # before the model loads: a typo fails at once
+        if getattr(args, flag) is not None and not os.path.isdir(getattr(args, flag)):
+            p.error(f'--{flag} is not a directory: {getattr(args, flag)}')
+    return args
+
+
+class ConsoleError(Exception):
+    """A request the console refuses: `status` (4xx) and a one-line message."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def png_data_url(bgr):
+    # zlib level 1 and the 'up' filter only: measured 33 ms against 55 ms for OpenCV's default PNG
+    # (level 1, adaptive filters) on a four-panel figure, for a file 3% larger.
+    ok, png = cv2.imencode('.png', bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP])
+    return 'data:image/png;base64,' + base64.b64encode(png.tobytes()).decode('ascii')
+
+
+class Console:
+    """The console's state: the detector, its feature file, the data root and the labelled scores.
+
+    Scoring is serialised by `lock` (one image or one batch at a time): on a 2-core line PC,
+    parallel requests would only share the cores and multiply the memory.
+    """
+
+    def __init__(self, detector, feat_path, data_root=None, labelled=None):
+        self.detector = detector
+        self.feat_path = feat_path
+        self.data_root = os.path.realpath(data_root) if data_root else None
+        self.lock = threading.Lock()
+        self.upload_dir = tempfile.TemporaryDirectory(prefix='web_app_uploads_')
+        self.scores = {'state': 'none', 'done': 0, 'total': 0, 'source': None, 'scores': [], 'labels': None}
+        if labelled is not None:
+            self.scores.update(state='scoring', total=len(labelled[0]),
+                               source=f'labelled images: {labelled[2]} + {labelled[3]}')
+        else:
+            self.use_holdout_scores()
+
+    # -- model card and threshold ---------------------------------------------------------------
+
+    def model_card(self):
+        d, meta = self.detector, self.detector.meta_
+        return {'model': meta.get('backbone'), 'method': meta.get('method'), 'threshold': d.threshold_,
+                'pixel_threshold': d.pixel_threshold_, 'threshold_source': d.threshold_source_,
+                'n_train_images': meta.get('n_train_images'),
+                'input_size': meta.get('input_size'), 'train_dir': meta.get('train_dir'),
+                'localizes': d.localizes, 'feature_file': os.path.basename(self.feat_path),
+                'data_root': self.data_root is not None}
+
+    def set_threshold(self, value):
+        """Use `value` as the image threshold from now on and store it in the feature file (atomically),
+        its source saying that it was set in the console, and when."""
+        source = f'{CONSOLE_SOURCE} on {time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())} UTC'
+        with self.lock:
+            self.detector.set_threshold(value, source).save(self.feat_path)
+        logger.info('saved to %s', self.feat_path)
+        return self.model_card()
+
+    # -- labelled scores (the threshold control's histogram) -------------------------------------
+
+    def use_holdout_scores(self):
+        holdout = self.detector.meta_.get('holdout_scores')
+        if holdout:
+            self.scores.update(state='ready', source='training hold-out (all normal)', scores=list(holdout),
+                               labels=[0] * len(holdout), done=len(holdout), total=len(holdout))
+
+    def score_labelled(self, paths, masks):
+        """Score the labelled images once (in a background thread at startup) for the histogram."""
+        scores, labels = [], []
+        try:
+            for result in self.inspect(paths, masks, desc='console: labelled images'):
+                self.scores['done'] += 1
+                if result.error is None:
+                    scores.append(result.score)
+                    labels.append(int(result.gt_mask is not None and bool(result.gt_mask.any())))
+                else:
+                    logger.warning('labelled image skipped: %s', result.error)
+        except Exception as e:  # a broken labelled set must not take the console down: fall back, say why
+            logger.warning('labelled images unusable (%s): threshold control uses the training hold-out', e)
+            self.scores.update(state='none', source=None)
+            self.use_holdout_scores()
+            return
+        self.scores.update(state='ready', scores=scores, labels=labels)
+        logger.info('scored %d labelled images (%d anomalous) for the threshold control', len(scores), sum(labels))
+
+    # -- inspection -------------------------------------------------------------------------------
+
+    def inspect(self, images, masks=None, desc=None):
+        """Detector.inspect, holding the lock only while the pipeline works on the next item, so a
+        folder being scored and single uploads take turns. desc: progress bar label (None: no bar)."""
+        results = self.detector.inspect(images, masks, desc=desc)
+        try:
+            while True:
+                with self.lock:
+                    result = next(results, None)
+                if result is None:
+                    return
+                yield result
+        finally:
+            results.close()
+
+    def inspect_one(self, path, title):
+        """-> the JSON answer of one image: score, verdict, threshold and the four-panel figure."""
+        results = self.inspect([path])
+        with contextlib.closing(results):
+            result = next(results)
+        if result.error is not None:  # the reason, naming the image as the user knows it
+            raise ConsoleError(400, result.error.replace(path, title))
+        return {'name': title, 'score': result.score, 'anomaly': bool(result.anomaly),
+                'threshold': self.detector.threshold_,
+                'figure': png_data_url(self.detector.render_figure(result, title=title))}
+
+    def inspect_upload(self, data, name):
+        if not data:
+            raise ConsoleError(400, 'the uploaded file is empty')
+        # Through a private temporary file: the upload is decoded by exactly the CLI's code path.
+        with tempfile.NamedTemporaryFile(dir=self.upload_dir.name, suffix='.upload') as f:
+            f.write(data)
+            f.flush()
+            return self.inspect_one(f.name, name)
+
+    # -- the data root ------------------------------------------------------------------------------
+
+    def resolve(self, relative):
+        """`relative` (a path under --data_root, as the page sends it) -> its real path; ConsoleError
+        403 for anything that is, or resolves (symlinks included), outside the data root."""
+        if self.data_root is None:
+            raise ConsoleError(403, 'no --data_root: this console scores uploaded images only')
+        if '\x00' in relative:
+            raise ConsoleError(400, 'bad path')
+        if os.path.isabs(relative) or relative.startswith(('~', '\\')):
+            raise ConsoleError(403, f'{relative}: paths are relative to the data root')
+        real = os.path.realpath(os.path.join(self.data_root, relative))
+        if not self.contains(real):
+            raise ConsoleError(403, f'{relative}: outside the data root')
+        return real
+
+    def contains(self, real):
+        return real == self.data_root or real.startswith(self.data_root + os.sep)
+
+    def relative(self, real):
+        return os.path.relpath(real, self.data_root).replace(os.sep, '/')
+
+    def images_under(self, real_dir):
+        """Images under `real_dir` (recursively, symlinks into the data root only), real paths."""
+        if not os.path.isdir(real_dir):
+            raise ConsoleError(404, f'{self.relative(real_dir)}: no such folder')
+        try:
+            found = image_utils.list_images(real_dir)
+        except image_utils.ImageError:
+            return []
+        return [os.path.realpath(p) for p in found if self.contains(os.path.realpath(p))]
+
+    def list_dir(self, relative):
+        real = self.resolve(relative)
+        images = self.images_under(real)
+        dirs = sorted(entry.name for entry in os.scandir(real)
+                      if entry.is_dir() and self.contains(os.path.realpath(entry.path)))
+        return {'dir': self.relative(real), 'dirs': dirs, 'count': len(images),
+                'images': [self.relative(p) for p in images[:MAX_LISTED_IMAGES]],
+                'truncated': len(images) > MAX_LISTED_IMAGES}
+
+    def folder_images(self, relative):
+        """Real paths of the images under the data root's `relative` folder (ConsoleError if refused)."""
+        return self.images_under(self.resolve(relative))
+
+    def score_folder(self, images):
+        """NDJSON lines: {"total"}, then {"index", "path", "score", "anomaly"} (or "error") per image in
+        order, then {"done", "scored", "anomalous"}. The images stream through the batch pipeline."""
+        yield json.dumps({'total': len(images), 'threshold': self.detector.threshold_}) + '\n'
+        scored = anomalous = 0
+        for result in self.inspect(images, desc='console: folder'):
+            relative = self.relative(images[result.index])
+            line = {'index': result.index, 'path': relative}
+            if result.error is None:
+                line.update(score=result.score, anomaly=bool(result.anomaly))
+                scored += 1
+                anomalous += bool(result.anomaly)
+            else:  # the reason, with the path as the page shows it (the data root is not disclosed)
+                line['error'] = result.error.replace(images[result.index], relative)
+            yield json.dumps(line) + '\n'
+        yield json.dumps({'done': True, 'scored': scored, 'anomalous': anomalous}) + '\n'
+
+
+# ----------------------------------------------------------------------------------------------
+# ASGI guards: the token and the body size, before any route runs
+# ----------------------------------------------------------------------------------------------
+
+async def send_json(send, status, payload, headers=()):
+    body = json.dumps(payload).encode()
+    await send({'type': 'http.response.start', 'status': status,
+                'headers': [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode()),
+                            *SECURITY_HEADERS, *headers]})
+    await send({'type': 'http.response.body', 'body': body})
+
+
+class Guard:
+    """Pure ASGI middleware: refuses a request without the token (401) or with a body over the
+    limit (413; checked on Content-Length and again while the body is read, so a chunked upload
+    cannot pass), and adds the security headers to every answer."""
+
+    def __init__(self, app, token=None, max_upload_mb=20):
+        self.app, self.token, self.max_upload_mb = app, token, max_upload_mb
+        self.max_upload_body = int(max_upload_mb * (1 << 20)) + MULTIPART_OVERHEAD
+
+    def authorised(self, scope):
+        """-> (ok, cookie header to set or None)."""
+        if self.token is None:
+            return True, None
+        headers = dict(scope['headers'])
+        expected = self.token.encode()
+        bearer = headers.get(b'authorization', b'')
+        if bearer.startswith(b'Bearer ') and hmac.compare_digest(bearer[7:].strip(), expected):
+            return True, None
+        if scope['method'] == 'GET' and scope['path'] in STATIC_FILES:
+            # The page and its assets: ?token= on the first load, then a same-site cookie, which the
+            # browser sends with the page's <script> and <link>. The API itself wants the header.
+            query = urllib.parse.parse_qs(scope['query_string'].decode('latin-1'))
+            if hmac.compare_digest(query.get('token', [''])[0].encode(), expected):
+                value = urllib.parse.quote(self.token, safe='')
+                return True, (b'set-cookie', f'{TOKEN_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/'.encode())
+            for part in headers.get(b'cookie', b'').decode('latin-1').split(';'):
+                name, _, value = part.strip().partition('=')
+                if name == TOKEN_COOKIE and hmac.compare_digest(urllib.parse.unquote(value).encode(), expected):
+                    return True, None
+        return False, None
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] == 'websocket':  # the console has none: refused before anything else
+            return await send({'type': 'websocket.close', 'code': 1008})
+        if scope['type'] != 'http':  # lifespan
+            return await self.app(scope, receive, send)
+        ok, cookie = self.authorised(scope)
+        if not ok:
+            return await send_json(send, 401, {'error': 'missing or wrong token: send "Authorization: Bearer TOKEN" '
+                                                        '(the page: open /?token=TOKEN)'},
+                                   [(b'www-authenticate', b'Bearer')])
+        if scope['path'] == '/api/score':
+            limit, too_large = self.max_upload_body, f'upload over the limit of {self.max_upload_mb:g} MiB'
+        else:
+            limit, too_large = MAX_JSON_BODY, f'request body over the limit of {MAX_JSON_BODY >> 10} KiB'
+        length = dict(scope['headers']).get(b'content-length')
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await send_json(send, 413 if length.isdigit() else 400,
+                                   {'error': too_large if length.isdigit() else 'bad Content-Length'})
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get('body', b''))
+            if received > limit:
+                raise HTTPException(413, too_large)
+            return message
+
+        async def send_with_headers(message):
+            if message['type'] == 'http.response.start':
+                message['headers'] = list(message.get('headers', [])) + SECURITY_HEADERS + ([cookie] if cookie else [])
+            await send(message)
+
+        await self.app(scope, limited_receive, send_with_headers)
+
+
+# ----------------------------------------------------------------------------------------------
+# the app
+# ----------------------------------------------------------------------------------------------
+
+def create_app(console, token=None, max_upload_mb=20):
+    """The console's ASGI app: the FastAPI routes behind the Guard. Every error is JSON
+    {"error": "..."} with a 4xx code (500 only for a bug, logged)."""
+    app = FastAPI(title='MahalanobisAD console', docs_url=None, redoc_url=None, openapi_url=None)
+    max_upload = int(max_upload_mb * (1 << 20))
+
+    @app.exception_handler(ConsoleError)
+    async def console_error(request, e):
+        return JSONResponse({'error': str(e)}, e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):
+        return JSONResponse({'error': e.detail if isinstance(e.detail, str) else 'bad request'}, e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e):
+        return JSONResponse({'error': 'bad request: ' + '; '.join(err.get('msg', '') for err in e.errors())}, 400)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request, e):  # logged with its traceback; the client gets one line
+        logger.exception('unexpected error on %s', request.url.path)
+        return JSONResponse({'error': f'internal error: {type(e).__name__}'}, 500)
+
+    for route, name in STATIC_FILES.items():
+        app.add_api_route(route, lambda name=name: FileResponse(os.path.join(STATIC_DIR, name)), methods=['GET'])
+
+    @app.get('/api/model')
+    def model():
+        return console.model_card()
+
+    @app.get('/api/scores')
+    def scores():
+        return console.scores
+
+    @app.post('/api/score')
+    async def score(request: Request):
+        started = time.perf_counter()
+        async with request.form(max_files=1, max_fields=4) as form:
+            upload = form.get('file')
+            if upload is None or isinstance(upload, str):
+                raise ConsoleError(400, 'send the image as a multipart form field named "file"')
+            data = await upload.read(max_upload + 1)
+            name = os.path.basename(upload.filename or 'upload')[:200]
+        if len(data) > max_upload:
+            raise ConsoleError(413, f'upload over the limit of {max_upload_mb:g} MiB')
+        answer = await run_in_threadpool(console.inspect_upload, data, name)
+        return JSONResponse(answer, headers={'server-timing': f'score;dur={(time.perf_counter() - started) * 1e3:.1f}'})
+
+    @app.get('/api/inspect')
+    def inspect(path: str):
+        real = console.resolve(path)
+        if not os.path.isfile(real) or not image_utils.is_image_file(real):
+            raise ConsoleError(404, f'{path}: no such image under the data root')
+        return console.inspect_one(real, console.relative(real))
+
+    @app.get('/api/images')
+    def images(dir: str = ''):
+        return console.list_dir(dir)
+
+    @app.post('/api/folder')
+    async def folder(request: Request):
+        relative = (await json_body(request)).get('dir', '')
+        if not isinstance(relative, str):
+            raise ConsoleError(400, '"dir" must be a string')
+        images = console.folder_images(relative)  # before the stream starts: a refusal keeps its status
+        return StreamingResponse(console.score_folder(images), media_type='application/x-ndjson')
+
+    @app.post('/api/threshold')
+    async def threshold(request: Request):
+        value = (await json_body(request)).get('threshold')
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConsoleError(400, '"threshold" must be a finite number')
+        return console.set_threshold(float(value))
+
+    return Guard(app, token, max_upload_mb)
+
+
+async def json_body(request):
+    """The request's JSON object; ConsoleError 400 for anything else (NaN and Infinity included)."""
+    try:
+        body = json.loads(await request.body(), parse_constant=lambda name: 1 / 0)
+    except (ValueError, ZeroDivisionError, UnicodeDecodeError, RecursionError):
+        raise ConsoleError(400, 'the body must be a JSON object') from None
+    if not isinstance(body, dict):
+        raise ConsoleError(400, 'the body must be a JSON object')
+    return body
+
+
+def labelled_set(args):
+    """(paths, masks, test_dir, gt_dir) of the labelled images (the CLI's defaults), or None."""
+    dirs = mahalanobisad.labelled_dirs(args)
+    if dirs is None:
+        return None
+    paths = image_utils.list_images(dirs[0])
+    return paths, [image_utils.find_mask(p, *dirs) for p in paths], *dirs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    detector = Detector.load(args.feat, model=args.model, method=args.method, model_dir=args.model_dir,
+                             model_url=args.model_url, batch_size=args.batch_size)
+    logger.info('loaded %s: %s %s, threshold %.4f (%s)', args.feat, detector.meta_.get('backbone'),
+                detector.meta_.get('method'), detector.threshold_, detector.threshold_source_)
+    labelled = labelled_set(args)
+    console = Console(detector, args.feat, args.data_root, labelled)
+    if labelled is not None:
+        threading.Thread(target=console.score_labelled, args=labelled[:2], daemon=True).start()
+    app = create_app(console, args.token, args.max_upload_mb)
+    if args.host not in ('127.0.0.1', 'localhost', '::1') and not args.token:
+        logger.warning('listening on %s without --token: anyone on the network can use this console', args.host)
+    logger.info('console on http://%s:%d/%s', args.host, args.port, '?token=...' if args.token else '')
+    uvicorn.run(app, host=args.host, port=args.port, log_level='warning', server_header=False)
+
+
+def run(argv=None):
+    return mahalanobisad.run_cli(main, 'web_app.py', argv)
+
+
+if __name__ == '__main__':
+    sys.exit(run())
