@@ -14,10 +14,15 @@ model_utils.FeatureExtractor, feature maps a score and a map in anomaly_model, a
 here (the thresholds), and a verdict a figure in plot_utils.
 """
 import collections.abc
+import contextlib
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import os
+import threading
+import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -39,6 +44,7 @@ FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'fea
 # Settings of the fit: the CLI does not silently reuse a default-named feature file fitted with others.
 FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed', 'method_options', 'contamination')
 HOLDOUT_SOURCE = 'training hold-out'
+STORED_PREFIX = 'stored: '  # threshold_source_ of thresholds reused from a feature file
 
 
 class UsageError(ValueError):
@@ -81,13 +87,52 @@ def check_settings(name, meta, settings, keys, what, hint):
         raise FeatureFileError(f'{name} {what}: {"; ".join(differences)}; {hint}')
 
 
+def labelled_set_fingerprint(images, masks=None, **settings):
+    """What thresholds derived from labelled images depend on -> a JSON-able dict.
+
+    images, masks: the labelled image files and their mask files (None entries: normal images);
+    settings: how the thresholds are derived from them (e.g. rule='F1-optimal'). The files count by
+    absolute path, size and modification time, so adding, removing, replacing or touching one changes
+    the fingerprint without reading any image.
+    """
+    masks = [None] * len(images) if masks is None else masks
+    digest = hashlib.sha256()
+    for path in list(images) + [m for m in masks if m is not None]:
+        path = os.path.abspath(os.fspath(path))
+        stat = os.stat(path)
+        digest.update(f'{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n'.encode())
+    return {'files': digest.hexdigest(), 'n_images': len(images), 'n_masks': sum(m is not None for m in masks),
+            'settings': json.loads(json.dumps(settings))}
+
+
+class StageTimer:
+    """Seconds spent per stage, added from any thread: `with timer('backbone'): ...`; `seconds` {stage: s}."""
+
+    def __init__(self):
+        self.seconds = collections.Counter()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, stage):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[stage] += time.perf_counter() - start
+
+
+def _untimed(stage):
+    return contextlib.nullcontext()
+
+
 @functools.lru_cache(maxsize=4)
-def _backbone(model, model_dir, model_url):
+def _backbone(model, model_dir, model_url, provider=None):
     """(BackboneSpec, FeatureExtractor), opened once per process and shared by every Detector."""
     spec, onnx_path = model_utils.resolve_model(model, model_dir, model_url)
-    extractor = model_utils.FeatureExtractor(onnx_path)
-    logger.info('model %s (%s, input %dx%d, %d feature levels)', spec.name, onnx_path,
-                spec.input_size, spec.input_size, len(extractor.output_names))
+    extractor = model_utils.FeatureExtractor(onnx_path, provider)
+    logger.info('model %s (%s, input %dx%d, %d feature levels, on %s)', spec.name, onnx_path,
+                spec.input_size, spec.input_size, len(extractor.output_names), extractor.session.get_providers()[0])
     return spec, extractor
 
 
@@ -152,9 +197,12 @@ class Detector:
     (anomaly-map value from which a pixel counts as defective; None without maps), threshold_source_
     (where the threshold came from), target_fpr_ (the false-positive rate the hold-out threshold
     guarantees, or None for a threshold from elsewhere), calibration_ (F1 figures of the last
-    calibrate, or None), bit_depth_ (significant bits of 16-bit image files, learnt from the training
-    images: 8 when they were all 8-bit; see image_utils.load_view for the policy every later image
-    follows), loaded_from_ (the feature file `load` read, or None).
+    calibrate, or None), calibrated_on_ (labelled_set_fingerprint of the labelled images the
+    thresholds were derived for, None if not derived from labelled images; saved with the thresholds,
+    see use_stored_thresholds), bit_depth_ (significant bits of 16-bit image files, learnt from the
+    training images: 8 when they were all 8-bit; see image_utils.load_view for the policy every later
+    image follows), loaded_from_ (the feature file `load` read, or None). provider: onnxruntime
+    execution provider of the backbone (None = CPU).
 
     images, everywhere: an iterable of file paths and/or RGB uint8 arrays (H, W, 3) of any size,
     streamed through a bounded thread pool (memory flat in the number of images, decoding overlapped
@@ -163,7 +211,7 @@ class Detector:
 
     def __init__(self, model=model_utils.DEFAULT_MODEL, method='mahalanobis', model_dir='models', seed=0,
                  batch_size=16, model_url=None, padim_dims=200, spade_k=50, coreset_ratio=0.1, aug_num=0,
-                 contamination=None, max_pixels=image_utils.DEFAULT_MAX_PIXELS):
+                 contamination=None, max_pixels=image_utils.DEFAULT_MAX_PIXELS, provider=None):
         if method not in anomaly_model.METHODS:
             raise UsageError(f'unknown method {method!r}: choose one of {", ".join(anomaly_model.METHODS)}')
         for name, value, lowest in (('seed', seed, 0), ('batch_size', batch_size, 1), ('padim_dims', padim_dims, 1),
@@ -175,9 +223,11 @@ class Detector:
         self.model, self.method, self.model_dir, self.model_url = model, method, model_dir, model_url
         self.seed, self.batch_size, self.aug_num = int(seed), int(batch_size), int(aug_num)
         self.padim_dims, self.spade_k, self.coreset_ratio = int(padim_dims), int(spade_k), float(coreset_ratio)
+        self.provider = provider
         self.contamination = check_contamination(contamination)
         self.max_pixels = int(max_pixels)
-        self.method_ = self.meta_ = self.calibration_ = self.bit_depth_ = self.loaded_from_ = None
+        self.method_ = self.meta_ = self.calibration_ = self.calibrated_on_ = None
+        self.bit_depth_ = self.loaded_from_ = None
         self.threshold_ = self.pixel_threshold_ = self.threshold_source_ = self.target_fpr_ = None
 
     # ------------------------------------------------------------------------------------------
@@ -187,12 +237,12 @@ class Detector:
     @property
     def spec(self):
         """The backbone's model_utils.BackboneSpec (input size, normalisation)."""
-        return _backbone(self.model, self.model_dir, self.model_url)[0]
+        return _backbone(self.model, self.model_dir, self.model_url, self.provider)[0]
 
     @property
     def extractor(self):
         """The backbone: model_utils.FeatureExtractor, (N, 3, S, S) float32 -> feature maps."""
-        return _backbone(self.model, self.model_dir, self.model_url)[1]
+        return _backbone(self.model, self.model_dir, self.model_url, self.provider)[1]
 
     @property
     def localizes(self):
@@ -352,22 +402,25 @@ class Detector:
     # score
     # ------------------------------------------------------------------------------------------
 
-    def inspect(self, images, masks=None, desc='score'):
+    def inspect(self, images, masks=None, desc='score', timer=None):
         """Yield an Inspection per input, lazily and in input order (see Inspection for the fields).
 
         masks: optional iterable aligned with `images`, each None (a normal image), a mask file
         (any non-zero pixel is defect) or a bool array of the image's (H, W); attached as gt_mask.
         An unreadable image gives an Inspection with `error` set (and a logged warning), so indices
-        stay aligned. desc: progress bar label, None for no bar.
+        stay aligned. desc: progress bar label, None for no bar. timer: a StageTimer that gets the
+        seconds of 'decode' (summed over the decoding threads), 'backbone' and 'scoring'.
         """
         self._check_fitted()
         spec, extractor, method = self.spec, self.extractor, self.method_
         entries = enumerate(_paired(images, masks))
+        timer = timer or _untimed
 
         def load(entry):
             _, (image, mask) = entry
-            view, image_shape = self._view(image)
-            return view, None if mask is None else self._mask_view(mask, image_shape)
+            with timer('decode'):
+                view, image_shape = self._view(image)
+                return view, None if mask is None else self._mask_view(mask, image_shape)
 
         # Scoring arithmetic stays on this thread: BLAS helper threads would compete with the decoders.
         with tqdm(total=_length(images), desc=desc, unit='img', leave=False, disable=desc is None) as progress, \
@@ -377,9 +430,12 @@ class Detector:
                 good = [(index, loaded) for (index, _), loaded in batch if not isinstance(loaded, ImageError)]
                 scored = {}
                 if good:
-                    feature_maps = extractor(self._tensors([view for _, (view, _) in good]))
+                    views = [view for _, (view, _) in good]
+                    with timer('backbone'):
+                        feature_maps = extractor(self._tensors(views))
                     self._check_feature_shapes(feature_maps)
-                    scores, maps = method.score(method.features(feature_maps), spec.input_size)
+                    with timer('scoring'):
+                        scores, maps = method.score(method.features(feature_maps), spec.input_size)
                     scored = {index: (float(score), view, None if maps is None else maps[i], gt_mask)
                               for i, ((index, (view, gt_mask)), score) in enumerate(zip(good, scores))}
                 for (index, (image, _)), loaded in batch:
@@ -420,7 +476,11 @@ class Detector:
     # ------------------------------------------------------------------------------------------
 
     def set_threshold(self, threshold, source, pixel_threshold=None):
-        """Set the image threshold (and, if given, the pixel threshold) by hand; source: why, for logs and files."""
+        """Set the image threshold (and, if given, the pixel threshold) by hand; source: why, for logs and files.
+
+        calibrated_on_ is kept: a threshold chosen by hand for a calibrated labelled set (say in the web
+        console), once saved, is reused by later runs with that set until it changes or is recalibrated.
+        """
         self._check_fitted()
         threshold = float(threshold)
         if not np.isfinite(threshold):
@@ -453,6 +513,7 @@ class Detector:
                                'using the largest score', n, target, int(np.ceil(1 / target - 1)))
             elif fpr is not None:
                 self.threshold_source_ = f'{HOLDOUT_SOURCE}, FPR {target:g}'
+            self.calibrated_on_ = None
             if log:
                 logger.info('image threshold %.3f from %d held-out training images: a new normal image is flagged '
                             'with probability at most %.4f', self.threshold_, n, self.target_fpr_)
@@ -469,18 +530,21 @@ class Detector:
                             'probability at most %.4f', self.pixel_threshold_, max(target, 1 / (n + 1)))
         return self
 
-    def calibrate(self, images, masks, source=None):
+    def calibrate(self, images, masks, source=None, fingerprint=None):
         """F1-optimal image and pixel thresholds from labelled images -> self.
 
         masks: aligned with `images`, None for a normal image, else its mask (path or bool (H, W)
         array; an all-zero mask is a normal image). Needs normal and anomalous images; without both,
         a warning and the training hold-out thresholds (never a threshold from one class).
+        fingerprint: labelled_set_fingerprint of the images, kept as calibrated_on_ (saved with the
+        thresholds, so that later runs on the same set reuse them: use_stored_thresholds).
         """
         n = _length(images)
         results = [r for r in self.inspect(images, masks, desc='threshold: labelled images') if not r.error]
-        return self.calibrate_results(results, source or f'{n if n is not None else len(results)} labelled images')
+        return self.calibrate_results(results, source or f'{n if n is not None else len(results)} labelled images',
+                                      fingerprint)
 
-    def calibrate_results(self, results, source='labelled images'):
+    def calibrate_results(self, results, source='labelled images', fingerprint=None):
         """`calibrate` on already inspected images (Inspection with gt_mask) -> self."""
         self._check_fitted()
         results = [r for r in results if r.error is None]
@@ -489,7 +553,9 @@ class Detector:
         if not labels.any() or labels.all():
             logger.warning('%s has %s: cannot derive an F1-optimal threshold', source,
                            'no defect masks' if not labels.any() else 'no normal images')
-            return self.use_holdout_thresholds()
+            self.use_holdout_thresholds()
+            self.calibrated_on_ = fingerprint  # what this set gives, so it is not scored again for the same answer
+            return self
         threshold, f1 = anomaly_model.f1_optimal_threshold(labels, [r.score for r in results])
         self.threshold_, self.threshold_source_, self.target_fpr_ = threshold, f'F1-optimal on {source}', None
         self.calibration_ = {'image_f1': f1, 'n_images': len(results), 'n_anomalous': int(labels.sum())}
@@ -501,7 +567,42 @@ class Detector:
             logger.info('pixel threshold %.3f maximises pixel F1 (%.3f)', self.pixel_threshold_, pixel_f1)
         else:
             self.use_holdout_thresholds(image=False)
+        self.calibrated_on_ = fingerprint
         return self
+
+    def recalibration_reason(self, fingerprint):
+        """Why the current thresholds do not hold for the labelled set `fingerprint`
+        (labelled_set_fingerprint) -> str, or None if they do. fingerprint None (no labelled set to
+        check against): they hold, whatever they were derived from."""
+        stored = self.calibrated_on_
+        if fingerprint is None or stored == fingerprint:
+            return None
+        if stored is None:
+            return f'the thresholds ({self.threshold_source_}) were not derived from labelled images'
+        if stored['settings'] != fingerprint['settings']:
+            return f'threshold settings changed ({stored["settings"]} -> {fingerprint["settings"]})'
+        return (f'the labelled set changed ({stored["n_images"]} images + {stored["n_masks"]} masks -> '
+                f'{fingerprint["n_images"]} + {fingerprint["n_masks"]}, or files added, replaced or touched)')
+
+    def use_stored_thresholds(self, fingerprint):
+        """Keep the thresholds (as loaded from a feature file) if they were derived for the labelled
+        set `fingerprint` -> True; else log why not and return False (the caller recalibrates).
+
+        A feature file's thresholds are its latest decision for that set: F1-optimal from calibrate, or
+        chosen by hand (set_threshold, e.g. the web console) after it; threshold_source_ becomes
+        'stored: <how they were derived>'.
+        """
+        self._check_fitted()
+        reason = self.recalibration_reason(fingerprint)
+        if reason:
+            logger.info('deriving the thresholds from the labelled images: %s', reason)
+            return False
+        if not self.threshold_source_.startswith(STORED_PREFIX):
+            self.threshold_source_ = STORED_PREFIX + self.threshold_source_
+        logger.info('image threshold %.3f %s%s', self.threshold_, self.threshold_source_,
+                    ' (no labelled images to check it against)' if fingerprint is None
+                    else ', for this labelled set: labelled images not scored')
+        return True
 
     # ------------------------------------------------------------------------------------------
     # export
@@ -543,14 +644,16 @@ class Detector:
         (an .npz archive, written atomically; loading it cannot execute code)."""
         self._check_fitted()
         meta = dict(self.meta_, thresholds={'image': self.threshold_, 'pixel': self.pixel_threshold_,
-                                            'source': self.threshold_source_, 'target_fpr': self.target_fpr_})
+                                            'source': self.threshold_source_.removeprefix(STORED_PREFIX),
+                                            'target_fpr': self.target_fpr_, 'labelled': self.calibrated_on_})
         anomaly_model.save_feature_file(path, meta, self.method_)
         return self
 
     @classmethod
     def load(cls, path, model=None, method=None, model_dir='models', model_url=None, batch_size=16,
-             max_pixels=image_utils.DEFAULT_MAX_PIXELS):
-        """A fitted Detector from a feature file, with the thresholds stored in it.
+             max_pixels=image_utils.DEFAULT_MAX_PIXELS, provider=None):
+        """A fitted Detector from a feature file, with the thresholds stored in it (and calibrated_on_,
+        the labelled set they were derived for).
 
         model: the backbone to run (default: the one the file names); model / method given here must
         match what the file was fitted with (FeatureFileError saying what differs, otherwise).
@@ -566,7 +669,7 @@ class Detector:
         detector = cls(model, method or meta['method'], model_dir, meta.get('seed', 0), batch_size, model_url,
                        padim_dims=options.get('dims', 200), spade_k=options.get('k', 50),
                        coreset_ratio=options.get('coreset_ratio', 0.1), aug_num=meta.get('aug_num', 0),
-                       contamination=meta.get('contamination'), max_pixels=max_pixels)
+                       contamination=meta.get('contamination'), max_pixels=max_pixels, provider=provider)
         check_settings(path, meta, detector.settings(), FEATURE_SETTINGS,
                        'cannot be used with this backbone and method', 'pass --feat with a new file name to fit one')
         detector.method_, detector.meta_, detector.bit_depth_ = fitted, meta, meta['bit_depth']
@@ -576,6 +679,7 @@ class Detector:
             detector.threshold_, detector.threshold_source_ = stored['image'], stored['source']
             detector.target_fpr_ = stored.get('target_fpr')
             detector.pixel_threshold_ = stored['pixel'] if detector.localizes else None
+            detector.calibrated_on_ = stored.get('labelled')
         else:
             detector.use_holdout_thresholds(log=False)
         return detector
@@ -620,3 +724,8 @@ def _check_meta(path, meta):
         damaged(str(e))
     if stored is not None and stored.get('target_fpr') is not None and not _finite_number(stored['target_fpr']):
         damaged('thresholds.target_fpr is not a finite number')
+    labelled = None if stored is None else stored.get('labelled')
+    if labelled is not None and not (isinstance(labelled, dict) and isinstance(labelled.get('files'), str)
+                                     and all(isinstance(labelled.get(k), int) for k in ('n_images', 'n_masks'))
+                                     and isinstance(labelled.get('settings'), dict)):
+        damaged('thresholds.labelled is not a labelled-set fingerprint')

@@ -134,3 +134,58 @@ class FigureWriter:
         if exc[0] is None:
             for future in self.futures:
                 future.result()
+
+
+# The operator's frame of live inspection (video and camera output): see render_live_frame.
+LIVE_PANEL = 320
+LIVE_BANNER_H = 64
+LIVE_GAUGE_H = 22
+LIVE_SIZE = (2 * LIVE_PANEL + 3 * MARGIN, LIVE_BANNER_H + LIVE_GAUGE_H + LABEL_H + LIVE_PANEL + MARGIN)  # (W, H)
+GREEN, DARK_RED = (40, 150, 40), (30, 30, 200)  # BGR
+
+
+def render_live_frame(image, anomaly_map, score, threshold, pixel_threshold, caption=''):
+    """One annotated video frame for a line operator, BGR uint8 (LIVE_SIZE[1], LIVE_SIZE[0], 3).
+
+    Top to bottom: a banner in the verdict's colour (green OK / red ANOMALY, readable from across the
+    room) with score and threshold; a gauge of the score against the threshold (its middle mark), so a
+    drift towards the threshold shows before the verdict flips; then the inspected view with the
+    defect's outline (map >= pixel_threshold) beside the heat map (colour scale 0 to twice the pixel
+    threshold, as in the figures). No ground-truth panel: a production line has none.
+    image: RGB uint8 (S, S, 3) network view; anomaly_map: (S, S) float or None (a method without maps);
+    caption: what the frame is (e.g. 'frame 120  4.80 s').
+    """
+    anomalous = score >= threshold
+    width, height = LIVE_SIZE
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    canvas[:LIVE_BANNER_H] = DARK_RED if anomalous else GREEN
+    cv2.putText(canvas, 'ANOMALY' if anomalous else 'OK', (MARGIN, LIVE_BANNER_H - 16), FONT, 1.5, WHITE, 3,
+                cv2.LINE_AA)
+    detail = f'score {score:.2f} / threshold {threshold:.2f}'
+    detail_w = cv2.getTextSize(detail, FONT, 0.7, 2)[0][0]
+    cv2.putText(canvas, detail, (width - MARGIN - detail_w, LIVE_BANNER_H - 24), FONT, 0.7, WHITE, 2, cv2.LINE_AA)
+
+    gauge_top, gauge_w = LIVE_BANNER_H + 6, width - 2 * MARGIN
+    fill = int(np.clip(score / (2 * threshold), 0, 1) * gauge_w) if threshold > 0 else gauge_w * anomalous
+    cv2.rectangle(canvas, (MARGIN, gauge_top), (MARGIN + gauge_w, gauge_top + 10), GRAY, 1)
+    cv2.rectangle(canvas, (MARGIN, gauge_top), (MARGIN + fill, gauge_top + 10), DARK_RED if anomalous else GREEN, -1)
+    cv2.line(canvas, (MARGIN + gauge_w // 2, gauge_top - 3), (MARGIN + gauge_w // 2, gauge_top + 13), BLACK, 2)
+
+    view = cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), (LIVE_PANEL, LIVE_PANEL), interpolation=cv2.INTER_LINEAR)
+    outlined, heat = view.copy(), view.copy()
+    if anomaly_map is not None:
+        scaled = cv2.resize(anomaly_map.astype(np.float32), (LIVE_PANEL, LIVE_PANEL), interpolation=cv2.INTER_LINEAR)
+        contours, _ = cv2.findContours((scaled >= pixel_threshold).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(outlined, contours, -1, RED, 2, cv2.LINE_AA)
+        level = np.clip(scaled / (2 * pixel_threshold) * 255, 0, 255).astype(np.uint8)
+        heat = cv2.addWeighted(view, 0.5, cv2.applyColorMap(level, cv2.COLORMAP_JET), 0.5, 0)
+        heat_label = 'heat map (0 .. 2x pixel threshold)'
+    else:
+        heat_label = 'no map: whole-image score only'
+    top = LIVE_BANNER_H + LIVE_GAUGE_H + LABEL_H
+    for i, (panel, label) in enumerate(((outlined, _fit_text(caption, LIVE_PANEL, 0.55)), (heat, heat_label))):
+        x = MARGIN + i * (LIVE_PANEL + MARGIN)
+        canvas[top:top + LIVE_PANEL, x:x + LIVE_PANEL] = panel
+        _text(canvas, label, x + LIVE_PANEL // 2, top - 7, 0.55, center=True)
+    return canvas

@@ -215,8 +215,9 @@ def test_other_methods_fit_save_reuse_and_refuse_a_mismatch(method, tmp_path, sm
     defects = [i['score'] for i in first['images'] if 'good' not in i['path']]
     goods = [i['score'] for i in first['images'] if 'good' in i['path']]
     assert np.mean(defects) > np.mean(goods)
-    assert cli(args + ['--json', report], model_dir)[0] == 0  # reused: identical results
-    assert read_json(report) == first
+    assert cli(args + ['--json', report], model_dir)[0] == 0  # reused: identical results, stored thresholds
+    again = read_json(report)
+    assert again.pop('threshold_source') == 'stored: ' + first.pop('threshold_source') and again == first
     other = 'padim' if method != 'padim' else 'spade'
     code, err = cli(['-f', feat, '-i', 'images/good_000.png', '--no_figures', '--method', other], model_dir, capsys)
     assert code == 1 and f"method '{method}' here '{other}'" in err

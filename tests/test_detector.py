@@ -71,7 +71,8 @@ def test_api_scores_equal_cli_scores_and_files_are_shared(method, fitted, tmp_pa
                               '--model_dir', model_dir, '--padim_dims', '50', '--spade_k', '5',
                               '--coreset_ratio', '0.2']) == 0
     from_cli = Detector.load(cli_file, model_dir=model_dir)
-    assert from_cli.method == method and from_cli.threshold_source_ == 'training hold-out'
+    # the CLI stored the thresholds it calibrated on images/ + gt_masks/ in the file (issue 10)
+    assert from_cli.method == method and from_cli.threshold_source_ == 'F1-optimal on images + gt_masks'
     np.testing.assert_array_equal(from_cli.decision_function(SAMPLE), detector.decision_function(SAMPLE))
 
 
