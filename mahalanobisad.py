@@ -158,6 +158,8 @@ def add_model_arguments(p):
                    help='seed of augmentation, channel subsets, coresets and folds')
     p.add_argument('--max_pixels', type=pixel_count, default=image_utils.DEFAULT_MAX_PIXELS,
                    help='larger images (width x height, read from the file header) are refused before decoding')
+    p.add_argument('-e', '--env_id', type=int, default=None,
+                   help='run the backbone on execution provider N of --env_list (default: the CPU provider)')
     p.add_argument('--model_dir', type=output_dir, default='models', help='cache of ONNX backbones')
     p.add_argument('--model_url', default=None,
                    help=f'base URL of b0..b7 downloads (default ${model_utils.MODEL_URL_ENV}, '
@@ -206,8 +208,6 @@ def parse_args(argv=None):
                    help='time the image inputs: per-stage and end-to-end milliseconds per image')
     p.add_argument('-bc', '--benchmark_count', type=positive_int, default=5, help='runs of --benchmark')
     p.add_argument('--env_list', action='store_true', help='list the onnxruntime execution providers and exit')
-    p.add_argument('-e', '--env_id', type=int, default=None,
-                   help='run the backbone on execution provider N of --env_list (default: the CPU provider)')
     add_model_arguments(p)
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.input, args.video, args.watch)) > 1:
@@ -216,7 +216,6 @@ def parse_args(argv=None):
         p.error('--realtime needs -v/--video')
     if args.benchmark and (args.video is not None or args.watch is not None):
         p.error('-b/--benchmark times image inputs (-i)')
-    args.input = args.input or [DEFAULT_INPUT]
     return args
 
 
