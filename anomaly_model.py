@@ -33,6 +33,7 @@ from model_utils import atomic_write_bytes
 FEATURE_FILE_FORMAT = 'mahalanobisad-features'
 FEATURE_FILE_VERSION = 3  # 3: method_params hold the feature shapes the arrays follow from
 PIXEL_MAP_SIGMA = 4.0  # Gaussian smoothing of the upsampled map, pixels (as in PaDiM and PatchCore)
+MAP_CHANNELS = 128  # the most channels OpenCV 5's resize takes in one array (OpenCV 4: 512)
 CORESET_CHUNK_PATCHES = 25088  # PatchCore's greedy coreset runs per chunk of this many patches (32 lite0 images)
 IVF_PROBES = 8  # inverted lists searched per query by PatchCore's index
 
@@ -107,14 +108,14 @@ def embed_patches(feature_maps, levels, grid):
 def upsample_and_smooth(grids, output_size, sigma=PIXEL_MAP_SIGMA):
     """(N, g, g) -> (N, S, S): bilinear upsampling then Gaussian smoothing.
 
-    The batch is laid out as image channels so OpenCV treats it in one call per 512 maps.
+    The batch is laid out as image channels so OpenCV treats it in one call per MAP_CHANNELS maps.
     """
     out = np.empty((len(grids), output_size, output_size), np.float32)
-    for start in range(0, len(grids), 512):
-        chunk = np.ascontiguousarray(grids[start:start + 512].transpose(1, 2, 0), np.float32)
+    for start in range(0, len(grids), MAP_CHANNELS):
+        chunk = np.ascontiguousarray(grids[start:start + MAP_CHANNELS].transpose(1, 2, 0), np.float32)
         resized = cv2.resize(chunk, (output_size, output_size), interpolation=cv2.INTER_LINEAR)
         smoothed = cv2.GaussianBlur(resized, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
-        out[start:start + 512] = smoothed.reshape(output_size, output_size, -1).transpose(2, 0, 1)
+        out[start:start + MAP_CHANNELS] = smoothed.reshape(output_size, output_size, -1).transpose(2, 0, 1)
     return out
 
 

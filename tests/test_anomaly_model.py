@@ -233,3 +233,11 @@ def test_nearest_distances_match_brute_force():
     full = np.linalg.norm(queries[:, None] - bank[None], axis=2)
     np.testing.assert_array_equal(indices, full.argmin(axis=1))
     np.testing.assert_allclose(distances, full.min(axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_upsample_and_smooth_takes_more_maps_than_opencv_takes_channels():
+    """A hold-out fold of hundreds of images (augmented fits) is smoothed in chunks OpenCV accepts."""
+    grids = np.random.default_rng(0).random((300, 7, 7)).astype(np.float32)
+    smoothed = anomaly_model.upsample_and_smooth(grids, 32)
+    assert smoothed.shape == (300, 32, 32)
+    np.testing.assert_allclose(smoothed[299], anomaly_model.upsample_and_smooth(grids[299:], 32)[0], rtol=1e-5)
