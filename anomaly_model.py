@@ -245,8 +245,8 @@ class NearestPatchIndex:
     parses a library's serialized format. With no centroids, or exact=True, search is brute force.
     """
 
-    def __init__(self, bank, centroids):
-        self.bank, self.centroids = bank, centroids
+    def __init__(self, bank, centroids, probes=IVF_PROBES):
+        self.bank, self.centroids, self.probes = bank, centroids, probes
         self.index = None
         if len(centroids):
             faiss = _faiss()
@@ -254,7 +254,19 @@ class NearestPatchIndex:
             quantizer.add(np.ascontiguousarray(centroids, np.float32))
             self.index = faiss.IndexIVFFlat(quantizer, bank.shape[1], len(centroids))
             self.index.add(np.ascontiguousarray(bank, np.float32))
-            self.index.nprobe = IVF_PROBES
+            self.index.nprobe = probes
+
+    def row_lists(self):
+        """(B,) int64: the inverted list each bank row was filed in, read back from the index
+        (so that an export probes exactly the rows this index searches); None without lists."""
+        if self.index is None:
+            return None
+        faiss, lists = _faiss(), self.index.invlists
+        labels = np.empty(len(self.bank), np.int64)
+        for l in range(lists.nlist):
+            if lists.list_size(l):
+                labels[faiss.rev_swig_ptr(lists.get_ids(l), lists.list_size(l))] = l
+        return labels
 
     def search(self, queries, exact=False):
         """queries (M, D) float32 -> (distances (M,) float32, indices (M,) int64) of the nearest bank row."""

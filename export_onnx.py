@@ -372,9 +372,47 @@ def _spade(g, method, maps, shapes, output_size):
     return score, _upsample_and_smooth(g, nearest_patch, params['grid'], output_size)
 
 
+def _block_minima(g, squared, start):
+    """The minimum of each row of a distance block (M, C) and its bank index: ((M, 1), (M, 1) int64)."""
+    return (g.reduce('ReduceMin', squared, [1], keepdims=1),
+            g.op('Add', [g.op('ArgMin', [squared], axis=1, keepdims=1), g.const(np.int64(start))]))
+
+
+def _across_blocks(g, minima, arguments):
+    """The smallest of the per-block minima (M, 1) and its index."""
+    if len(minima) == 1:
+        return minima[0], arguments[0]
+    stacked = g.op('Concat', minima, axis=1)                                                # (M, blocks)
+    best_block = g.op('ArgMin', [stacked], axis=1, keepdims=1)
+    return (g.op('GatherElements', [stacked, best_block], axis=1),
+            g.op('GatherElements', [g.op('Concat', arguments, axis=1), best_block], axis=1))
+
+
+UNPROBED = np.float32(1e30)  # added to the squared distance of a bank row outside a query's probed lists
+
+
+def _probe_penalties(g, queries, index):
+    """NearestPatchIndex's inverted-file search, as the tool runs it: each query (M, D) probes the
+    index.probes lists whose centres are nearest (faiss's IndexFlatL2 ranking, by the same
+    |q|^2 - 2 q.c + |c|^2) -> (M, L) float32, 0 for a probed list and UNPROBED for the others."""
+    centre_distances = _squared_distances(g, queries, _distance_constants(g, index.centroids))   # (M, L)
+    _, probed = g.op('TopK', [centre_distances, g.const(np.array([index.probes], np.int64))], outputs=2,
+                     largest=0, sorted=1)                                                           # (M, probes)
+    unprobed = g.op('Expand', [g.const(UNPROBED), g.op('Shape', [centre_distances])])
+    zeros = g.op('Expand', [g.const(np.float32(0)), g.op('Shape', [probed])])
+    return g.op('ScatterElements', [unprobed, probed, zeros], axis=1)
+
+
 def _patchcore(g, method, maps, shapes, output_size):
-    """PatchCoreMethod.score: exact nearest-neighbour search as matrix products against the bank, in
-    blocks of BANK_CHUNK rows (minimum and its index per block, then across blocks)."""
+    """PatchCoreMethod.score: the nearest-neighbour search as matrix products against the bank, in
+    blocks of BANK_CHUNK rows (minimum and its index per block, then across blocks).
+
+    Where the tool searches an inverted-file index, so does the graph: a bank row outside the
+    query's probed lists gets UNPROBED added to its distance, so the minimum is the index's answer
+    (and where every probed list is empty, the exact one, as NearestPatchIndex.search). Size and
+    speed: the graph stores only the bank, its rows' list numbers and the centres, but it still
+    computes every query-to-bank distance, so the export runs at brute-force speed, not the index's
+    (README: Deploying)."""
     params = method.params
     bank = np.ascontiguousarray(method.bank, np.float32)
     b, d = bank.shape
@@ -382,19 +420,23 @@ def _patchcore(g, method, maps, shapes, output_size):
                           count_include_pad=1) for l in params['levels']}
     patches = _embed_patches(g, aggregated, shapes, params['levels'], params['grid'])  # (N, P, D)
     queries = g.op('Reshape', [patches, g.shape_const([-1, d])])                        # (N*P, D)
-    minima, arguments = [], []
-    chunks = [_distance_constants(g, bank[start:start + BANK_CHUNK]) for start in range(0, b, BANK_CHUNK)]
-    for start, chunk in zip(range(0, b, BANK_CHUNK), chunks):
-        squared = _squared_distances(g, queries, chunk)
-        minima.append(g.reduce('ReduceMin', squared, [1], keepdims=1))
-        arguments.append(g.op('Add', [g.op('ArgMin', [squared], axis=1, keepdims=1), g.const(np.int64(start))]))
-    if len(minima) > 1:
-        stacked = g.op('Concat', minima, axis=1)                                            # (M, chunks)
-        best_chunk = g.op('ArgMin', [stacked], axis=1, keepdims=1)
-        minimum = g.op('GatherElements', [stacked, best_chunk], axis=1)
-        index = g.op('GatherElements', [g.op('Concat', arguments, axis=1), best_chunk], axis=1)
-    else:
-        minimum, index = minima[0], arguments[0]
+    starts = range(0, b, BANK_CHUNK)
+    chunks = [_distance_constants(g, bank[start:start + BANK_CHUNK]) for start in starts]
+    row_lists = None if method.exact_search else method.index.row_lists()
+    penalties = None if row_lists is None else _probe_penalties(g, queries, method.index)
+    exact, probed = [], []
+    for start, chunk in zip(starts, chunks):  # block by block, so that one (M, chunk) block is alive at a time
+        block = _squared_distances(g, queries, chunk)
+        exact.append(_block_minima(g, block, start))
+        if penalties is not None:
+            outside = g.op('Gather', [penalties, g.const(row_lists[start:start + BANK_CHUNK])], axis=1)
+            probed.append(_block_minima(g, g.op('Add', [block, outside]), start))
+    minimum, index = _across_blocks(g, *zip(*exact))
+    if probed:
+        probed_minimum, probed_index = _across_blocks(g, *zip(*probed))
+        found = g.op('Less', [probed_minimum, g.const(UNPROBED / 2)])
+        minimum = g.op('Where', [found, probed_minimum, minimum])
+        index = g.op('Where', [found, probed_index, index])
     p = params['grid'] ** 2
     distances = g.op('Reshape', [_sqrt_clipped(g, minimum), g.shape_const([-1, p])])    # (N, P)
     indices = g.op('Reshape', [index, g.shape_const([-1, p])])

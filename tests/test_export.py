@@ -102,6 +102,32 @@ def test_exported_model_scores_like_the_tool(name, fitted, sized_inputs, tmp_pat
         np.testing.assert_allclose(out['anomaly_map'], maps, atol=1e-3 * np.abs(maps).max())
 
 
+def test_exported_patchcore_searches_the_index_like_the_tool(fitted, tmp_path):
+    """The tool's PatchCore searches an inverted-file index (the fixture's bank of ~1900 rows has 48
+    lists): probing one list instead of 8 makes its answers far from the exact search, and the
+    export must follow the index, not the exact search."""
+    method = fitted['patchcore'].method_
+    assert len(method.centroids) > anomaly_model.IVF_PROBES
+    default_index = method.index
+    method.index = anomaly_model.NearestPatchIndex(method.bank, method.centroids, probes=1)
+    try:
+        detector = fitted['patchcore']
+        tool = list(detector.inspect(SAMPLE))
+        scores = np.array([t.score for t in tool])
+        method.exact_search = True
+        exact = np.array([t.score for t in detector.inspect(SAMPLE)])
+        method.exact_search = False
+        assert np.abs(scores / exact - 1).max() > 1e-2  # the index's answers differ from the exact ones
+        path = str(tmp_path / 'patchcore.onnx')
+        detector.set_threshold(float(np.median(scores)), 'test').export(path)
+        out = run_model(path, SAMPLE)
+        np.testing.assert_allclose(out['score'], scores, rtol=1e-4)
+        maps = np.stack([t.anomaly_map for t in tool])
+        np.testing.assert_allclose(out['anomaly_map'], maps, atol=1e-3 * np.abs(maps).max())
+    finally:
+        method.index, method.exact_search = default_index, False
+
+
 @pytest.fixture(scope='module')
 def padim_export(fitted, tmp_path_factory):
     """A PaDiM model for the sample's 256 x 256 images (the training images' size, the default) and
