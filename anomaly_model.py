@@ -710,21 +710,24 @@ def holdout_folds(groups, folds=5, seed=0):
 
 
 def holdout_scores(method, features, groups, output_size, folds=5, seed=0):
-    """Scores of training images from models fitted without them (k-fold over source images).
+    """Scores of the training images from models fitted without them (k-fold over source images).
 
     In-sample scores are biased low; these are what a new normal image would get. features: the
     method's training features; groups: (N,) source image of each row (augmented copies share their
-    source's group, so none leaks into its own fit). A method fitted with the same folds
-    (holdout_folds(groups, folds, seed)) can carve its hold-out models out of that fit (PatchCore).
-    Returns (image scores (N,), the largest pixel score of each row's held-out map (N,), or None for
-    a method without maps).
+    source's group, so none leaks into its own fit). Only each image's plain view (its first row,
+    first_rows) is scored: that is the view a new image is scored as, and its augmented copies
+    would multiply the cost. A method fitted with the same folds (holdout_folds(groups, folds, seed))
+    can carve its hold-out models out of that fit (PatchCore).
+    Returns (image scores (n_images,), the largest pixel score of each image's held-out map
+    (n_images,), or None for a method without maps), in np.unique(groups) order.
     """
     fold = holdout_folds(groups, folds, seed)
-    image_scores, pixel_maxima = np.empty(len(groups)), np.empty(len(groups))
+    plain = first_rows(groups)
+    image_scores, pixel_maxima = np.empty(len(plain)), np.empty(len(plain))
     for k in np.unique(fold):
-        held = fold == k
-        model = method.holdout_model(features, ~held)
-        image_scores[held], maps = model.score(select_features(features, held), output_size)
+        held = fold[plain] == k
+        model = method.holdout_model(features, fold != k)
+        image_scores[held], maps = model.score(select_features(features, plain[held]), output_size)
         if maps is None:
             pixel_maxima = None
         else:
@@ -798,9 +801,7 @@ def holdout_without_outliers(method, features, groups, output_size, contaminatio
     for round_ in range(1, rounds + 2):
         image_scores, pixel_maxima = holdout_scores(method, select_features(features, kept), groups[kept],
                                                     output_size, seed=seed)
-        plain = first_rows(groups[kept])
-        image_groups, image_scores = groups[kept][plain], image_scores[plain]
-        pixel_maxima = None if pixel_maxima is None else pixel_maxima[plain]
+        image_groups = np.unique(groups[kept])
         if contamination is None or round_ > rounds:
             break
         if contamination == 'auto':

@@ -370,9 +370,6 @@ class Detector:
         method.fit(train_features, folds=anomaly_model.holdout_folds(groups, seed=self.seed))
         image_scores, pixel_maxima = anomaly_model.holdout_scores(method, train_features, groups, spec.input_size,
                                                                   seed=self.seed)
-        plain = anomaly_model.first_rows(groups)  # one score per source image: its plain view
-        image_scores = image_scores[plain]
-        pixel_maxima = None if pixel_maxima is None else pixel_maxima[plain]
         self.method_ = method
         self.meta_ = dict(self.settings(), model=self.model, train_dir=source,
                           n_train_images=n_images - len(excluded), bit_depth=self.bit_depth_,
