@@ -125,21 +125,28 @@ def squared_distances(a, b):
     return np.einsum('ij,ij->i', a, a)[:, None] - 2 * (a @ b.T) + np.einsum('ij,ij->i', b, b)[None]
 
 
-def nearest_distances(queries, bank, chunk=2048):
-    """Euclidean distance from each query row to its nearest bank row, and that row's index.
+def nearest_squared_distances(queries, bank, chunk=2048):
+    """Squared Euclidean distance from each query row to its nearest bank row, and that row's index.
 
-    queries (M, D), bank (B, D) float32 -> ((M,) float32, (M,) int). Chunked matrix products keep
-    memory at chunk x B; measured 4.5 s against 5.3 s for scikit-learn's brute-force kNN on
+    queries (M, D), bank (B, D) float32 -> ((M,) float32 clipped at 0, (M,) int). Chunked matrix
+    products keep memory at chunk x B and in cache: 3x faster than one (M, B) product on 25k x 2.5k
+    (the coreset's chunks); measured 4.5 s against 5.3 s for scikit-learn's brute-force kNN on
     PatchCore's bottle bank (16k x 152), so no library is used here.
     """
-    distances, indices = np.empty(len(queries), np.float32), np.empty(len(queries), np.int64)
+    squared_min, indices = np.empty(len(queries), np.float32), np.empty(len(queries), np.int64)
     for start in range(0, len(queries), chunk):
         q = queries[start:start + chunk]
         squared = squared_distances(q, bank)
         best = squared.argmin(axis=1)
         indices[start:start + chunk] = best
-        distances[start:start + chunk] = np.sqrt(np.maximum(squared[np.arange(len(q)), best], 0))
-    return distances, indices
+        squared_min[start:start + chunk] = np.maximum(squared[np.arange(len(q)), best], 0)
+    return squared_min, indices
+
+
+def nearest_distances(queries, bank, chunk=2048):
+    """nearest_squared_distances as distances: ((M,) float32, (M,) int)."""
+    squared, indices = nearest_squared_distances(queries, bank, chunk)
+    return np.sqrt(squared), indices
 
 
 def random_projection(dims, projection_dims, rng):
@@ -203,7 +210,7 @@ def chunked_coreset(patches, ratio, folds=None, chunk_patches=CORESET_CHUNK_PATC
             chunk_rows = rows[start:start + rows_per_chunk]
             points = patches[chunk_rows].reshape(-1, d)
             points = points if projection is None else points @ projection
-            covered = None if previous is None else squared_distances(points, previous).min(axis=1)
+            covered = None if previous is None else nearest_squared_distances(points, previous)[0]
             count = max(1, int(round(ratio * len(points))))
             picked = farthest_first(points, count, 0, covered)
             previous = points[picked]
@@ -359,8 +366,11 @@ class AnomalyMethod:
     holdout_model(features, kept): the method fitted on the rows `kept` (N,) bool only.
     score(features, output_size) -> (image scores (N,), anomaly maps (N, S, S) float32 or None).
     `params` rebuilds the configured method, `state()` / `load_state()` hold the fitted arrays.
+    screened_by: the method whose held-out scores find defective training images (contamination),
+    None for this one's own.
     """
     name = ''
+    screened_by = None
 
     def __init__(self, **params):
         self.params = params
@@ -381,6 +391,11 @@ class AnomalyMethod:
     def holdout_model(self, features, kept):
         """A model fitted without the rows not `kept` (the hold-out); PatchCore carves it out of its fit."""
         return type(self)(**self.params).fit(select_features(features, kept))
+
+    def holdout_source(self, features, folds):
+        """What to take the hold-out models of training rows `features` split into `folds` from (see
+        holdout_scores): this method as it is, whose holdout_model fits each one afresh."""
+        return self
 
     def _channels(self, levels):
         """Channels of the feature maps at `levels` (validated), summed."""
@@ -415,6 +430,10 @@ def _gaussian_state(positions, dims):
 
 class MahalanobisMethod(AnomalyMethod):
     name = 'mahalanobis'
+    # Its image score pools each level over the whole image, which averages a small defect away:
+    # PaDiM's per-position scores on the same backbone outputs find the defective training images
+    # (metal_nut, 22 planted: 20 found against 17 by its own scores; README "Contamination").
+    screened_by = 'padim'
 
     def configure(self, shapes, input_size):
         super().configure(shapes, input_size)
@@ -616,6 +635,10 @@ class PatchCoreMethod(AnomalyMethod):
         self.index = NearestPatchIndex(bank, centroids)
         return self
 
+    def holdout_source(self, features, folds):
+        # One fit with the folds, each hold-out model carved out of it: one coreset, not one per fold.
+        return type(self)(**self.params).fit(features, folds)
+
     def holdout_model(self, features, kept):
         # Chunks never straddle the fit's folds: without whole folds, the fit is a subset of this one.
         folds = self.fit_folds
@@ -799,9 +822,10 @@ def holdout_without_outliers(method, features, groups, output_size, contaminatio
         target = int(np.floor(contamination * n_images + 0.5))
         rounds = min(rounds, target)
     for round_ in range(1, rounds + 2):
-        image_scores, pixel_maxima = holdout_scores(method, select_features(features, kept), groups[kept],
-                                                    output_size, seed=seed)
-        image_groups = np.unique(groups[kept])
+        kept_features, kept_groups = select_features(features, kept), groups[kept]
+        source = method.holdout_source(kept_features, holdout_folds(kept_groups, seed=seed))
+        image_scores, pixel_maxima = holdout_scores(source, kept_features, kept_groups, output_size, seed=seed)
+        image_groups = np.unique(kept_groups)
         if contamination is None or round_ > rounds:
             break
         if contamination == 'auto':

@@ -315,7 +315,8 @@ class Detector:
         Unreadable images are skipped with a warning; at least 2 must be readable. Also computes
         held-out scores of the training images (k-fold) and sets threshold_ / pixel_threshold_ from
         them. With `contamination`, the images whose held-out scores are outliers are left out
-        (anomaly_model.holdout_without_outliers: a few rounds of refit and rescore), logged and
+        (anomaly_model.holdout_without_outliers: a few rounds of refit and rescore; the scores of
+        method.screened_by where it names another method, PaDiM's for mahalanobis), logged and
         recorded in meta_['excluded_train_images']. source: what the images are (the CLI passes the
         training directory), recorded in meta_. The bit depth of 16-bit image files is learnt first
         (bit_depth_), so `images` is read twice when it holds such files (an iterator is turned into a
@@ -329,13 +330,14 @@ class Detector:
         if self.bit_depth_ > 8:
             logger.info('training images hold %d-bit data in 16-bit files: 0..%d is read as 0..255 for them and '
                         'every later image', self.bit_depth_, (1 << self.bit_depth_) - 1)
-        batches, groups, names, image_sizes = [], [], {}, set()
+        screen = method  # the method whose held-out scores find defective training images
+        batches, screen_batches, groups, plain_rows, names, image_sizes = [], [], [], [], {}, set()
         with tqdm(total=_length(images), desc='fit: features', unit='img') as progress, \
                 threadpool_limits(1, 'blas'):
             for batch in image_utils.stream(enumerate(images), lambda item: self._views_for_fit(*item),
                                             self.batch_size):
                 progress.update(len(batch))
-                views = []
+                views, plain = [], []
                 for (index, image), loaded in batch:
                     if isinstance(loaded, ImageError):
                         logger.warning('skipping training image: %s', loaded)
@@ -344,25 +346,36 @@ class Detector:
                                     else image_utils.display_path(image))
                     item_views, (height, width) = loaded
                     views += item_views
+                    plain += [True] + [False] * (len(item_views) - 1)
                     groups += [index] * len(item_views)
                     image_sizes.add((width, height))
                 for start in range(0, len(views), self.batch_size):
                     feature_maps = extractor(self._tensors(views[start:start + self.batch_size]))
                     if not batches:
                         self._configure(method, feature_maps)
+                        screen = self._screening_method(method, feature_maps)
                     batches.append(method.features(feature_maps))
+                    if screen is not method:  # the plain views only: one held-out score per image
+                        screen_batches.append(anomaly_model.select_features(
+                            screen.features(feature_maps), np.array(plain[start:start + self.batch_size])))
+                plain_rows += plain
         n_images = len(set(groups))
         if n_images < 2:
             raise UsageError(f'need at least 2 readable training images, found {n_images}')
         train_features, groups = anomaly_model.concatenate_features(batches), np.array(groups)
         kept, excluded = np.ones(len(groups), bool), []
         if self.contamination is not None:
-            logger.info('looking for defective training images (contamination %s)', self.contamination)
-            kept, _, _, excluded = anomaly_model.holdout_without_outliers(
-                method, train_features, groups, spec.input_size, self.contamination, seed=self.seed)
+            logger.info('looking for defective training images (contamination %s) by their held-out %s scores',
+                        self.contamination, screen.name)
+            screen_features, screen_groups = ((train_features, groups) if screen is method else
+                                              (anomaly_model.concatenate_features(screen_batches),
+                                               groups[np.array(plain_rows)]))
+            screen_kept, _, _, excluded = anomaly_model.holdout_without_outliers(
+                screen, screen_features, screen_groups, spec.input_size, self.contamination, seed=self.seed)
+            kept = np.isin(groups, screen_groups[screen_kept])
             for group, score, round_ in excluded:
-                logger.warning('excluded training image (held-out score %.3f, round %d): %s',
-                               score, round_, names[group])
+                logger.warning('excluded training image (held-out %s score %.3f, round %d): %s',
+                               screen.name, score, round_, names[group])
             logger.info('excluded %d of %d training images', len(excluded), n_images)
         train_features, groups = anomaly_model.select_features(train_features, kept), groups[kept]
         logger.info('fitting %s on %d views of %d images', method.name, len(groups), n_images - len(excluded))
@@ -382,6 +395,20 @@ class Detector:
         self.calibration_ = None
         self.use_holdout_thresholds(log=False)
         return self
+
+    def _screening_method(self, method, feature_maps):
+        """The method (configured) whose held-out scores find defective training images under
+        `contamination`: method.screened_by with this detector's options, or `method` itself (also
+        where that one cannot use this backbone's outputs)."""
+        if self.contamination is None or method.screened_by is None:
+            return method
+        screen = anomaly_model.make_method(method.screened_by, self.padim_dims, self.spade_k, self.coreset_ratio,
+                                           self.seed)
+        try:
+            screen.configure([m.shape[1:] for m in feature_maps], self.spec.input_size)
+        except anomaly_model.MethodError:
+            return method
+        return screen
 
     def _configure(self, method, feature_maps):
         """Fit `method` to this backbone's outputs; warn once if it cannot draw maps."""

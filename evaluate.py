@@ -128,7 +128,8 @@ def evaluate_category(root, args):
     Thresholds are F1-optimal on the test set (the pixel one where there are masks, else the training
     hold-out's); with --fpr, the training hold-out's for that rate, whose false-positive rate and
     recall on the test set the row reports. With --contaminate, defective test images are planted
-    among the training images first (`plant_defects`)."""
+    among the training images first (`plant_defects`); with --clean_baseline as well, they only leave
+    the test set (the clean fit on the same test set: the baseline of the contamination's AUROC loss)."""
     category = os.path.basename(os.path.normpath(root))
     train_dir = os.path.join(root, 'train', 'good')
     train_paths = image_utils.list_images(train_dir)
@@ -137,9 +138,14 @@ def evaluate_category(root, args):
     has_ground_truth = os.path.isdir(gt_dir)
     planted = None
     if args.contaminate:
-        train_paths, test_paths, planted = plant_defects(train_paths, test_paths, test_dir, args.contaminate,
-                                                         args.seed)
-        logger.info('%s: planted %d defective test images among the training images', category, len(planted))
+        contaminated, test_paths, planted = plant_defects(train_paths, test_paths, test_dir, args.contaminate,
+                                                          args.seed)
+        if args.clean_baseline:
+            logger.info('%s: %d defective test images withheld (clean baseline: not planted)', category, len(planted))
+            planted = []
+        else:
+            train_paths = contaminated
+            logger.info('%s: planted %d defective test images among the training images', category, len(planted))
     logger.info('%s: %d train images, %d test images%s', category, len(train_paths), len(test_paths),
                 '' if has_ground_truth else ' (no ground_truth/: image-level only)')
 
@@ -271,11 +277,17 @@ def parse_args(argv=None):
     p.add_argument('--contaminate', type=mahalanobisad.open_fraction, default=None, metavar='FRACTION',
                    help='move a seeded FRACTION (of the number of training images) of the defective test images '
                         'into the training set (Rippel et al. 2021)')
+    p.add_argument('--clean_baseline', action='store_true',
+                   help='with --contaminate: withhold the same defective test images from the test set but do not '
+                        'plant them (the clean fit the contaminated one is compared with)')
     mahalanobisad.add_holdout_arguments(p)
     p.add_argument('--exact_search', action='store_true',
                    help='patchcore: score with brute-force nearest patches instead of the index')
     mahalanobisad.add_model_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.clean_baseline and not args.contaminate:
+        p.error('--clean_baseline needs --contaminate FRACTION (which test images to withhold)')
+    return args
 
 
 def find_categories(data_path, requested):

@@ -151,6 +151,19 @@ def test_contaminated_sample_training_set(train_paths, model_dir, tmp_path, capl
     assert Detector.load(str(tmp_path / 'auto.pkl'), model_dir=model_dir).meta_['excluded_train_images'] == excluded
 
 
+def test_mahalanobis_is_screened_by_padim_scores(train_paths, model_dir, caplog):
+    """MahalanobisAD's pooled image scores are not what finds defective training images: PaDiM's
+    held-out scores on the same backbone outputs are (plain views only, also with augmentation)."""
+    detector = Detector(method='mahalanobis', padim_dims=50, aug_num=1, model_dir=model_dir, contamination='auto')
+    detector.fit(train_paths + DEFECTS)
+    excluded = detector.meta_['excluded_train_images']
+    assert set(DEFECTS) <= set(excluded) and len(excluded) <= 3
+    assert 'held-out padim score' in caplog.text
+    assert detector.method_.name == 'mahalanobis' and detector.meta_['n_train_images'] == 14 - len(excluded)
+    screen = Detector(method='padim', padim_dims=50, model_dir=model_dir, contamination='auto')  # plain views
+    assert screen.fit(train_paths + DEFECTS).meta_['excluded_train_images'] == excluded
+
+
 def test_cli_fpr_and_contamination(train_paths, model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     train = tmp_path / 'train'
