@@ -116,3 +116,23 @@ def test_contaminate_plants_defects_and_reports_what_the_fit_left_out(dataset, t
     planted = again[2]
     assert len(planted) == 2 and all(evaluate.is_defective(p, test_dir) for p in planted)
     assert not set(planted) & set(again[1]) and len(again[0]) == 14
+
+
+def test_clean_baseline_withholds_the_planted_images_without_planting_them(dataset, tmp_path, model_dir, caplog,
+                                                                          capsys):
+    args = ['--data_path', dataset, '--category', 'bottle', '--model_dir', model_dir, '--method', 'padim',
+            '--padim_dims', '50', '--contaminate', '0.2']
+    caplog.set_level('INFO', logger='evaluate')
+    contaminated = evaluate.main(args + ['--save_path', str(tmp_path / 'c')])[0]
+    planted_log, _ = caplog.text, caplog.clear()
+    baseline = evaluate.main(args + ['--save_path', str(tmp_path / 'b'), '--clean_baseline'])[0]
+    test = evaluate.image_utils.list_images(os.path.join(dataset, 'bottle', 'test'))
+    assert f'bottle: 14 train images, {len(test) - 2} test images' in planted_log and contaminated['planted'] == 2
+    assert f'bottle: 12 train images, {len(test) - 2} test images' in caplog.text  # the same test set
+    assert '2 defective test images withheld' in caplog.text
+    assert baseline['planted'] == baseline['planted_excluded'] == baseline['excluded'] == 0
+    capsys.readouterr()  # the runs' progress bars
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(['--data_path', dataset, '--clean_baseline'])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and '--clean_baseline needs --contaminate' in err
