@@ -424,19 +424,27 @@ def _patchcore(g, method, maps, shapes, output_size):
     chunks = [_distance_constants(g, bank[start:start + BANK_CHUNK]) for start in starts]
     row_lists = None if method.exact_search else method.index.row_lists()
     penalties = None if row_lists is None else _probe_penalties(g, queries, method.index)
+    # The exact minimum serves only where a query's probed lists can all be empty (NearestPatchIndex's
+    # fallback): with fewer empty lists than probes, never, and its reductions are left out.
+    if row_lists is None:
+        exact_needed = True
+    else:
+        empty_lists = np.sum(np.bincount(row_lists, minlength=len(method.index.centroids)) == 0)
+        exact_needed = empty_lists >= method.index.probes
     exact, probed = [], []
     for start, chunk in zip(starts, chunks):  # block by block, so that one (M, chunk) block is alive at a time
         block = _squared_distances(g, queries, chunk)
-        exact.append(_block_minima(g, block, start))
+        if exact_needed:
+            exact.append(_block_minima(g, block, start))
         if penalties is not None:
             outside = g.op('Gather', [penalties, g.const(row_lists[start:start + BANK_CHUNK])], axis=1)
             probed.append(_block_minima(g, g.op('Add', [block, outside]), start))
-    minimum, index = _across_blocks(g, *zip(*exact))
-    if probed:
-        probed_minimum, probed_index = _across_blocks(g, *zip(*probed))
-        found = g.op('Less', [probed_minimum, g.const(UNPROBED / 2)])
-        minimum = g.op('Where', [found, probed_minimum, minimum])
-        index = g.op('Where', [found, probed_index, index])
+    minimum, index = _across_blocks(g, *zip(*(probed or exact)))
+    if probed and exact:
+        exact_minimum, exact_index = _across_blocks(g, *zip(*exact))
+        found = g.op('Less', [minimum, g.const(UNPROBED / 2)])
+        minimum = g.op('Where', [found, minimum, exact_minimum])
+        index = g.op('Where', [found, index, exact_index])
     p = params['grid'] ** 2
     distances = g.op('Reshape', [_sqrt_clipped(g, minimum), g.shape_const([-1, p])])    # (N, P)
     indices = g.op('Reshape', [index, g.shape_const([-1, p])])

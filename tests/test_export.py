@@ -128,6 +128,29 @@ def test_exported_patchcore_searches_the_index_like_the_tool(fitted, tmp_path):
         method.index, method.exact_search = default_index, False
 
 
+def test_exported_patchcore_falls_back_to_the_exact_search_where_probed_lists_are_empty(fitted, tmp_path):
+    """Inverted lists centred on the most anomalous sample patches hold no bank row; probing one list,
+    those patches find nothing in the index, and the tool and the export both fall back to the
+    exact nearest patch."""
+    detector = fitted['patchcore']
+    method = detector.method_
+    views = [detector._view(path)[0] for path in SAMPLE]
+    patches = method.features(detector.extractor(detector._tensors(views)))['patches']
+    queries = patches.reshape(-1, patches.shape[-1])
+    farthest = queries[np.argsort(-anomaly_model.nearest_distances(queries, method.bank)[0])[:4]]
+    default_index = method.index
+    method.index = anomaly_model.NearestPatchIndex(method.bank, np.concatenate([method.centroids, farthest]), probes=1)
+    try:
+        assert (np.bincount(method.index.row_lists(), minlength=len(method.index.centroids))[-4:] == 0).any()
+        assert (method.index.index.search(farthest, 1)[1] < 0).any()  # nothing found: the tool's fallback
+        scores = np.array([t.score for t in detector.inspect(SAMPLE)])
+        path = str(tmp_path / 'patchcore.onnx')
+        detector.set_threshold(float(np.median(scores)), 'test').export(path)
+        np.testing.assert_allclose(run_model(path, SAMPLE)['score'], scores, rtol=1e-4)
+    finally:
+        method.index = default_index
+
+
 @pytest.fixture(scope='module')
 def padim_export(fitted, tmp_path_factory):
     """A PaDiM model for the sample's 256 x 256 images (the training images' size, the default) and
