@@ -163,9 +163,12 @@ def farthest_first(points, count, first, min_squared=None):
     (greedy k-centre), starting from row `first`, or, given min_squared (M,) (squared distances to
     points chosen earlier), from the farthest of those. One matrix-vector product per step."""
     squared_norms = np.einsum('ij,ij->i', points, points)
-    min_squared = np.full(len(points), np.inf, np.float32) if min_squared is None else min_squared.astype(np.float32)
     chosen = np.empty(count, np.int64)
-    chosen[0] = first if not np.isfinite(min_squared).all() else int(min_squared.argmax())
+    if min_squared is None:
+        chosen[0], min_squared = first, np.full(len(points), np.inf, np.float32)
+    else:
+        min_squared = min_squared.astype(np.float32)
+        chosen[0] = int(min_squared.argmax())
     for i in range(1, count + 1):
         centre = points[chosen[i - 1]]
         np.minimum(min_squared, squared_norms - 2 * (points @ centre) + centre @ centre, out=min_squared)

@@ -147,28 +147,28 @@ def _paired(images, masks):
         raise UsageError('images and masks differ in length') from None
 
 
+def _open_fraction(value, high, message):
+    """value as a float if it is a number (not a bool) in (0, high), else UsageError(message)."""
+    try:
+        number = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not 0 < number < high:
+        raise UsageError(message)
+    return number
+
+
 def check_contamination(contamination):
     """None, 'auto' or a fraction in (0, 0.5) -> itself (a float for a fraction); else UsageError."""
     if contamination is None or contamination == 'auto':
         return contamination
-    try:
-        fraction = float(contamination)
-    except (TypeError, ValueError):
-        fraction = None
-    if isinstance(contamination, bool) or fraction is None or not 0 < fraction < 0.5:
-        raise UsageError(f"contamination must be 'auto' or a fraction in (0, 0.5), got {contamination!r}")
-    return fraction
+    return _open_fraction(contamination, 0.5,
+                          f"contamination must be 'auto' or a fraction in (0, 0.5), got {contamination!r}")
 
 
 def check_fpr(fpr):
     """A false-positive rate in (0, 1) -> float; else UsageError."""
-    try:
-        value = float(fpr)
-    except (TypeError, ValueError):
-        value = None
-    if isinstance(fpr, bool) or value is None or not 0 < value < 1:
-        raise UsageError(f'fpr must be in (0, 1), got {fpr!r}')
-    return value
+    return _open_fraction(fpr, 1, f'fpr must be in (0, 1), got {fpr!r}')
 
 
 def _length(items):
@@ -249,8 +249,10 @@ class Detector:
         """Whether the fitted method draws anomaly maps."""
         return bool(self.method_ is not None and self.method_.localizes)
 
-    def _new_method(self):
-        return anomaly_model.make_method(self.method, self.padim_dims, self.spade_k, self.coreset_ratio, self.seed)
+    def _new_method(self, name=None):
+        """An unconfigured method with this detector's options: `name`, or this detector's method."""
+        return anomaly_model.make_method(name or self.method, self.padim_dims, self.spade_k, self.coreset_ratio,
+                                         self.seed)
 
     def settings(self):
         """What a feature file records of how it was produced (FEATURE_SETTINGS, and FIT_SETTINGS
@@ -355,24 +357,26 @@ class Detector:
                         self._configure(method, feature_maps)
                         screen = self._screening_method(method, feature_maps)
                     batches.append(method.features(feature_maps))
-                    if screen is not method:  # the plain views only: one held-out score per image
-                        screen_batches.append(anomaly_model.select_features(
-                            screen.features(feature_maps), np.array(plain[start:start + self.batch_size])))
+                    plain_views = np.array(plain[start:start + self.batch_size])
+                    if screen is not method and plain_views.any():  # plain views only: one score per image
+                        screen_batches.append(screen.features([m[plain_views] for m in feature_maps]))
                 plain_rows += plain
         n_images = len(set(groups))
         if n_images < 2:
             raise UsageError(f'need at least 2 readable training images, found {n_images}')
         train_features, groups = anomaly_model.concatenate_features(batches), np.array(groups)
-        kept, excluded = np.ones(len(groups), bool), []
+        kept, excluded, holdout = np.ones(len(groups), bool), [], None
         if self.contamination is not None:
             logger.info('looking for defective training images (contamination %s) by their held-out %s scores',
                         self.contamination, screen.name)
             screen_features, screen_groups = ((train_features, groups) if screen is method else
                                               (anomaly_model.concatenate_features(screen_batches),
                                                groups[np.array(plain_rows)]))
-            screen_kept, _, _, excluded = anomaly_model.holdout_without_outliers(
+            screen_kept, screen_scores, screen_maxima, excluded = anomaly_model.holdout_without_outliers(
                 screen, screen_features, screen_groups, spec.input_size, self.contamination, seed=self.seed)
             kept = np.isin(groups, screen_groups[screen_kept])
+            if screen is method:  # its last round scored the hold-out of exactly the fit below
+                holdout = screen_scores, screen_maxima
             for group, score, round_ in excluded:
                 logger.warning('excluded training image (held-out %s score %.3f, round %d): %s',
                                screen.name, score, round_, names[group])
@@ -381,8 +385,8 @@ class Detector:
         logger.info('fitting %s on %d views of %d images', method.name, len(groups), n_images - len(excluded))
         # Fitted with the hold-out folds, so a method can carve its hold-out models out of this fit.
         method.fit(train_features, folds=anomaly_model.holdout_folds(groups, seed=self.seed))
-        image_scores, pixel_maxima = anomaly_model.holdout_scores(method, train_features, groups, spec.input_size,
-                                                                  seed=self.seed)
+        image_scores, pixel_maxima = holdout or anomaly_model.holdout_scores(method, train_features, groups,
+                                                                             spec.input_size, seed=self.seed)
         self.method_ = method
         self.meta_ = dict(self.settings(), model=self.model, train_dir=source,
                           n_train_images=n_images - len(excluded), bit_depth=self.bit_depth_,
@@ -402,8 +406,7 @@ class Detector:
         where that one cannot use this backbone's outputs)."""
         if self.contamination is None or method.screened_by is None:
             return method
-        screen = anomaly_model.make_method(method.screened_by, self.padim_dims, self.spade_k, self.coreset_ratio,
-                                           self.seed)
+        screen = self._new_method(method.screened_by)
         try:
             screen.configure([m.shape[1:] for m in feature_maps], self.spec.input_size)
         except anomaly_model.MethodError:

@@ -87,11 +87,18 @@ def list_images(paths):
     return found
 
 
-def walk_images(directory):
+def flat_name(path, folder):
+    """path relative to folder, without its extension, directories joined by '_': the name of its
+    figure in a flat output folder."""
+    return os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, '_')
+
+
+def walk_images(directory, exclude=()):
     """Yield the image files under `directory`, lazily, in `list_images` order and form (the directory
-    joined with each file's relative path): a listing of any size in constant memory."""
+    joined with each file's relative path): a listing of any size in constant memory. exclude: real
+    paths (os.path.realpath) of directories not to look into."""
     for root, dirs, files in os.walk(directory):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not exclude or os.path.realpath(os.path.join(root, d)) not in exclude)
         yield from (os.path.join(root, f) for f in sorted(files) if is_image_file(f))
 
 

@@ -29,6 +29,7 @@ except ImportError:  # Windows: completeness of a watched file is judged by its 
     fcntl = None
 
 import image_utils
+import model_utils
 import plot_utils
 from detector import UsageError
 from image_utils import ImageError
@@ -419,15 +420,10 @@ class CompletedFiles:
         self.pending = {}   # path -> (size, mtime_ns), monotonic time first seen so
         self.reported = {}  # path -> (size, mtime_ns) reported
 
-    def _scan(self):
-        for root, dirs, files in os.walk(self.folder):
-            dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) not in self.exclude)
-            yield from (os.path.join(root, f) for f in sorted(files) if image_utils.is_image_file(f))
-
     def poll(self):
         """The files complete since the last poll, in path order."""
         now, wall, ready, present = time.monotonic(), time.time_ns(), [], set()
-        for path in self._scan():
+        for path in image_utils.walk_images(self.folder, self.exclude):
             try:
                 stat = os.stat(path)
             except OSError:  # vanished since the listing
@@ -449,8 +445,17 @@ class CompletedFiles:
         return ready
 
 
-def _figure_name(path, folder):
-    return os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, '_') + '.png'
+def report_image(detector, path, inspected, anomalous, figure=None, figures=None):
+    """One scored image file, as image mode and --watch report it: its figure queued on the
+    plot_utils.FigureWriter `figures` (where `figure` names one), its log line, and its JSON record
+    {path, score, anomaly} -> the record. Paths are shown as valid UTF-8 whatever bytes they hold."""
+    shown = image_utils.display_path(path)
+    if figure:
+        figures.submit(figure, inspected.view, inspected.gt_mask, inspected.anomaly_map, inspected.score,
+                       detector.threshold_, detector.pixel_threshold_, title=shown)
+    logger.info('%s : score %.3f threshold %.3f -> %s%s', shown, inspected.score, detector.threshold_,
+                'ANOMALY' if anomalous else 'normal', f'  [{image_utils.display_path(figure)}]' if figure else '')
+    return {'path': shown, 'score': inspected.score, 'anomaly': bool(anomalous)}
 
 
 def watch_folder(detector, folder, figures_dir=None, json_path=None, poll_s=WATCH_POLL_S, settle_s=WATCH_SETTLE_S):
@@ -481,14 +486,9 @@ def watch_folder(detector, folder, figures_dir=None, json_path=None, poll_s=WATC
                                 tally.unreadable += 1
                                 continue
                             tally.add(result.anomaly)
-                            records.write({'path': result.path, 'score': result.score, 'anomaly': result.anomaly})
-                            figure = figures_dir and os.path.join(figures_dir, _figure_name(result.path, folder))
-                            if figure:
-                                figures.submit(figure, result.view, result.gt_mask, result.anomaly_map, result.score,
-                                               detector.threshold_, detector.pixel_threshold_, title=result.path)
-                            logger.info('%s : score %.3f threshold %.3f -> %s%s', result.path, result.score,
-                                        detector.threshold_, 'ANOMALY' if result.anomaly else 'normal',
-                                        f'  [{figure}]' if figure else '')
+                            figure = figures_dir and model_utils.fit_path(os.path.join(
+                                figures_dir, image_utils.flat_name(result.path, folder) + '.png'))
+                            records.write(report_image(detector, result.path, result, result.anomaly, figure, figures))
             except KeyboardInterrupt:
                 interrupted = True
     finally:

@@ -29,7 +29,7 @@ import onnxruntime
 import plot_utils
 from anomaly_model import FeatureFileError, MethodError
 from detector import (FIT_SETTINGS, HOLDOUT_SOURCE, Detector, Inspection, StageTimer,  # noqa: F401 (the API)
-                      UsageError, check_settings, labelled_set_fingerprint)
+                      UsageError, check_contamination, check_settings, labelled_set_fingerprint)
 from image_utils import ImageError
 from model_utils import ModelError
 
@@ -73,10 +73,7 @@ def output_file(text):
     """A file the tool will write: not an existing directory, its name within the file system's limit."""
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f'{text} is a directory, a file name is needed')
-    limit = model_utils.name_limit(os.path.dirname(os.path.abspath(text)))
-    if len(os.fsencode(os.path.basename(text))) > limit:
-        raise argparse.ArgumentTypeError(f'file name longer than the file system\'s limit of {limit} bytes: {text}')
-    return text
+    return output_path(text)
 
 
 def output_path(text):
@@ -122,12 +119,10 @@ def open_fraction(text):
 
 
 def contamination_value(text):
-    if text == 'auto':
-        return text
-    value = float(text)
-    if not 0 < value < 0.5:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a fraction in (0, 0.5), got {text}")
-    return value
+    try:
+        return check_contamination(text if text == 'auto' else float(text))
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_holdout_arguments(p):
@@ -338,8 +333,8 @@ def list_inputs(inputs):
     listed = []
     for given in inputs:
         for path in image_utils.list_images(given):
-            relative = os.path.relpath(path, given) if os.path.isdir(given) else os.path.basename(path)
-            listed.append((path, os.path.splitext(relative)[0].replace(os.sep, '_')))
+            listed.append((path, image_utils.flat_name(path, given) if os.path.isdir(given)
+                           else os.path.splitext(os.path.basename(path))[0]))
     return listed
 
 
@@ -354,17 +349,13 @@ def report_images(inputs, labelled, fresh, detector, args, figures):
             if len(inputs) == 1:  # a single input that cannot be used: its reason is the error
                 raise ImageError(inspected.error)
             continue
-        anomalous = inspected.score >= detector.threshold_
-        shown = image_utils.display_path(path)  # valid UTF-8 whatever bytes the name holds
-        results.append({'path': shown, 'score': inspected.score, 'anomaly': bool(anomalous)})
         figure = None
         if not args.no_figures:  # a name derived from a long input name is shortened to fit
             figure = (args.savepath or DEFAULT_SINGLE_SAVEPATH if len(inputs) == 1
                       else model_utils.fit_path(os.path.join(args.savepath or DEFAULT_MULTI_SAVEPATH, name + '.png')))
-            figures.submit(figure, inspected.view, inspected.gt_mask, inspected.anomaly_map, inspected.score,
-                           detector.threshold_, detector.pixel_threshold_, title=shown)
-        logger.info('%s : score %.3f threshold %.3f -> %s%s', shown, inspected.score, detector.threshold_,
-                    'ANOMALY' if anomalous else 'normal', f'  [{image_utils.display_path(figure)}]' if figure else '')
+        # The threshold may have changed since the labelled images were inspected: the verdict is recomputed.
+        results.append(live.report_image(detector, path, inspected, inspected.score >= detector.threshold_,
+                                         figure, figures))
     return results
 
 

@@ -36,10 +36,20 @@ def _text(canvas, text, x, y, scale=0.5, color=BLACK, center=False):
 
 
 def _fit_text(text, width, scale):
-    """`text`, shortened from the left with '...' until it fits `width` pixels."""
+    """`text` (made drawable), shortened from the left with '...' until it fits `width` pixels."""
+    text = drawable(text)
     while len(text) > 4 and cv2.getTextSize(text, FONT, scale, 1)[0][0] > width:
         text = '...' + text[4:]
     return text
+
+
+def _heat_map(view, anomaly_map, pixel_threshold):
+    """The map resized to the BGR view's side (float32) and the view blended with it in the JET
+    colours, 0 to twice the pixel threshold (the scale of every figure and frame)."""
+    side = view.shape[0]
+    scaled = cv2.resize(anomaly_map.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+    level = np.clip(scaled / (2 * pixel_threshold) * 255, 0, 255).astype(np.uint8)
+    return scaled, cv2.addWeighted(view, 0.5, cv2.applyColorMap(level, cv2.COLORMAP_JET), 0.5, 0)
 
 
 def render_figure(image, gt_mask, anomaly_map, score, threshold, pixel_threshold, title=''):
@@ -62,9 +72,8 @@ def render_figure(image, gt_mask, anomaly_map, score, threshold, pixel_threshold
         _text(blank, 'no mask', PANEL // 2, PANEL // 2, 0.6, center=True)
         panels.append(blank)
     if anomaly_map is not None:
-        scaled = cv2.resize(anomaly_map.astype(np.float32), (PANEL, PANEL), interpolation=cv2.INTER_LINEAR)
-        level = np.clip(scaled / (2 * pixel_threshold) * 255, 0, 255).astype(np.uint8)
-        panels.append(cv2.addWeighted(view, 0.5, cv2.applyColorMap(level, cv2.COLORMAP_JET), 0.5, 0))
+        scaled, heat = _heat_map(view, anomaly_map, pixel_threshold)
+        panels.append(heat)
         boundaries = mark_boundaries(view[..., ::-1], scaled >= pixel_threshold, color=(1, 0, 0), mode='thick')
         panels.append(cv2.cvtColor((boundaries * 255).astype(np.uint8), cv2.COLOR_RGB2BGR))
     else:
@@ -79,7 +88,7 @@ def render_figure(image, gt_mask, anomaly_map, score, threshold, pixel_threshold
     width = xs[-1] + PANEL + MARGIN
     canvas = np.full((TITLE_H + LABEL_H + PANEL + MARGIN, width, 3), 255, np.uint8)
     verdict_color = RED if anomalous else BLACK
-    _text(canvas, _fit_text(drawable(title), width - 2 * MARGIN, 0.5), width // 2, 22, 0.5, verdict_color, center=True)
+    _text(canvas, _fit_text(title, width - 2 * MARGIN, 0.5), width // 2, 22, 0.5, verdict_color, center=True)
     _text(canvas, f'score {score:.2f}   threshold {threshold:.2f}   ->   {"ANOMALY" if anomalous else "normal"}',
           width // 2, 46, 0.6, verdict_color, center=True)
     top = TITLE_H + LABEL_H
@@ -174,12 +183,10 @@ def render_live_frame(image, anomaly_map, score, threshold, pixel_threshold, cap
     view = cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), (LIVE_PANEL, LIVE_PANEL), interpolation=cv2.INTER_LINEAR)
     outlined, heat = view.copy(), view.copy()
     if anomaly_map is not None:
-        scaled = cv2.resize(anomaly_map.astype(np.float32), (LIVE_PANEL, LIVE_PANEL), interpolation=cv2.INTER_LINEAR)
+        scaled, heat = _heat_map(view, anomaly_map, pixel_threshold)
         contours, _ = cv2.findContours((scaled >= pixel_threshold).astype(np.uint8), cv2.RETR_EXTERNAL,
                                        cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(outlined, contours, -1, RED, 2, cv2.LINE_AA)
-        level = np.clip(scaled / (2 * pixel_threshold) * 255, 0, 255).astype(np.uint8)
-        heat = cv2.addWeighted(view, 0.5, cv2.applyColorMap(level, cv2.COLORMAP_JET), 0.5, 0)
         heat_label = 'heat map (0 .. 2x pixel threshold)'
     else:
         heat_label = 'no map: whole-image score only'

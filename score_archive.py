@@ -157,7 +157,7 @@ def score_shard(index, paths, base, feat, model_dir, output):
         lines, anomalies, failures = [], 0, 0
         for path, result in zip(paths, detector.inspect([os.path.join(base, p) for p in paths], desc=None)):
             record = {'path': path, 'score': result.score,
-                      'anomaly': None if result.anomaly is None else bool(result.anomaly)}
+                      'anomaly': result.anomaly}
             if result.error is not None:
                 record['error'] = result.error
                 failures += 1

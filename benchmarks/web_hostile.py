@@ -11,33 +11,19 @@ import concurrent.futures
 import os
 import shutil
 import socket
-import struct
-import subprocess
 import sys
 import tempfile
 import time
-import zlib
 
 import httpx2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from benchmarks.web_console import TOKEN, free_port  # noqa: E402
+from benchmarks.web_console import TOKEN, free_port, start_console  # noqa: E402
+from tests.hostile import png_bomb  # noqa: E402
 
 AUTH = {'Authorization': f'Bearer {TOKEN}'}
 GOOD = os.path.join(REPO, 'images', 'good_000.png')
-
-
-def png_bomb(side):
-    """A valid gray PNG of side x side zero pixels, a few hundred kB: decoding it allocates side**2 bytes."""
-    def chunk(kind, data):
-        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
-    compressor, row, parts = zlib.compressobj(9), b'\0' * (side + 1), []
-    for _ in range(side):
-        parts.append(compressor.compress(row))
-    parts.append(compressor.flush())
-    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 8, 0, 0, 0, 0))
-            + chunk(b'IDAT', b''.join(parts)) + chunk(b'IEND', b''))
 
 
 def raw(port, request, timeout=10):
@@ -76,17 +62,9 @@ def main():
     shutil.copy(args.feat, feat)
     root = make_data_root(work)
     port = free_port()
-    server = subprocess.Popen([sys.executable, os.path.join(REPO, 'web_app.py'), '--feat', feat, '--port', str(port),
-                               '--token', TOKEN, '--data_root', root, '--model_dir', args.model_dir],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = start_console(argparse.Namespace(feat=feat, model_dir=args.model_dir, images=root), port)
     url = f'http://127.0.0.1:{port}'
     c = httpx2.Client(base_url=url, timeout=60)
-    for _ in range(600):
-        try:
-            c.get('/')
-            break
-        except httpx2.TransportError:
-            time.sleep(0.2)
     before = snapshot(work) | snapshot(REPO)
     good = open(GOOD, 'rb').read()
     cases = [
@@ -127,7 +105,7 @@ def main():
         ('upload: Content-Length: -1', lambda: raw(port, b'POST /api/score HTTP/1.1\r\nHost: x\r\nAuthorization: '
                                                    b'Bearer ' + TOKEN.encode() + b'\r\nContent-Length: -1\r\n\r\n')),
         ('upload: PNG bomb 30000 x 30000 px (~900 kB)', lambda: c.post('/api/score', headers=AUTH,
-                                                                      files={'file': ('bomb.png', png_bomb(30000))})),
+                                                                      files={'file': ('bomb.png', png_bomb(30000, 30000, 8, 0))})),
         ('upload: two files', lambda: c.post('/api/score', headers=AUTH,
                                              files=[('file', ('a.png', good)), ('file', ('b.png', good))])),
         ('upload: 1000 form fields', lambda: c.post('/api/score', headers=AUTH,

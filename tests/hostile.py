@@ -39,6 +39,11 @@ def png_bomb(width, height, bit_depth=16, colour_type=6):
     return b'\x89PNG\r\n\x1a\n' + png_chunk(b'IHDR', header) + png_chunk(b'IDAT', data) + png_chunk(b'IEND', b'')
 
 
+def twelve_bit(image):
+    """The same picture as a 12-bit camera writes it into a 16-bit file: 0..255 -> 0..4095."""
+    return np.round(image.astype(np.float64) * 4095 / 255).astype(np.uint16)
+
+
 def jpeg_header_bytes(width, height, components=3):
     """A JPEG whose frame header (SOF0) declares width x height, after an APP0 segment; no scan data."""
     app0 = b'\xff\xe0' + struct.pack('>H', 16) + b'JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00'

@@ -294,15 +294,10 @@ def test_long_names_are_shortened_deterministically_within_the_limit(tmp_path):
 # 5. High bit depth
 # ----------------------------------------------------------------------------------------------
 
-def twelve_bit(image):
-    """The same picture as a 12-bit camera writes it into a 16-bit file: 0..255 -> 0..4095."""
-    return np.round(image.astype(np.float64) * 4095 / 255).astype(np.uint16)
-
-
 def test_12_bit_image_in_16_bits_gives_the_8_bit_view(tmp_path):
     image = cv2.imread(os.path.join(REPO, 'images', 'good_000.png'))
     eight = write(tmp_path / 'eight.png', hostile.encode('.png', image))
-    deep = write(tmp_path / 'deep.png', hostile.encode('.png', twelve_bit(image)))
+    deep = write(tmp_path / 'deep.png', hostile.encode('.png', hostile.twelve_bit(image)))
     expected = image_utils.load_view(eight, 256, 224)[0].astype(int)
     assert np.abs(image_utils.load_view(deep, 256, 224, bit_depth=12)[0] - expected).max() <= 1
     assert np.abs(image_utils.load_image(deep, bit_depth=12) - image_utils.load_image(eight).astype(int)).max() == 0

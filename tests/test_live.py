@@ -33,13 +33,10 @@ def in_repo(monkeypatch):
 def feat(tmp_path_factory, small_train, model_dir):
     """A feature file fitted on 12 sample images, its thresholds calibrated on images/ + gt_masks/."""
     path = str(tmp_path_factory.mktemp('feat') / 'small.pkl')
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
         assert mahalanobisad.run(['-tr', small_train, '-f', path, '-i', SAMPLE[0], '--no_figures',
                                   '--model_dir', model_dir]) == 0
-    finally:
-        os.chdir(cwd)
     return path
 
 

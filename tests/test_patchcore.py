@@ -6,6 +6,7 @@ import numpy as np
 
 import anomaly_model
 from anomaly_model import NearestPatchIndex, PatchCoreMethod
+from tests import hostile
 
 
 def clustered_patches(rng, images=30, patches=100, dims=8, clusters=20):
@@ -81,7 +82,7 @@ def test_index_agrees_with_brute_force():
 def fitted_patchcore(seed=0, images=40):
     rng = np.random.default_rng(23)
     method = anomaly_model.make_method('patchcore', coreset_ratio=0.5, seed=seed)
-    method.configure([(4, 32, 32), (6, 16, 16), (8, 8, 8), (10, 4, 4)], 128)
+    method.configure(hostile.SHAPES, hostile.INPUT_SIZE)
     features = {'patches': clustered_patches(rng, images=images, patches=256, dims=14)[0][:, :256]}
     groups = np.arange(images)
     return method.fit(features, anomaly_model.holdout_folds(groups, seed=seed)), features, groups

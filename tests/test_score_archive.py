@@ -32,13 +32,10 @@ def feat(tmp_path_factory, small_train, model_dir):
 def cli_scores(tmp_path_factory, feat, model_dir):
     """{path: score} of the sample images as mahalanobisad.py reports them."""
     report = str(tmp_path_factory.mktemp('cli') / 'cli.json')
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
         assert mahalanobisad.run(['-f', feat, '-i', 'images', '-th', '0', '--no_figures', '--json', report,
                                   '--model_dir', model_dir]) == 0
-    finally:
-        os.chdir(cwd)
     with open(report) as f:
         return {image['path']: image['score'] for image in json.load(f)['images']}
 
