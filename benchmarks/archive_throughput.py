@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MVTEC = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'mvtec')
 sys.path.insert(0, ROOT)
 import image_utils  # noqa: E402
+from benchmarks.common import link_inputs, repeated  # noqa: E402
 
 
 def measured(command, cwd):
@@ -68,10 +69,7 @@ def main():
     cpu_rates = {name: [] for name in names}    # images / CPU second
     load = []
     with tempfile.TemporaryDirectory() as work:
-        folder = os.path.join(work, 'archive')
-        os.makedirs(folder)
-        for i in range(args.images):
-            os.symlink(sources[i % len(sources)], os.path.join(folder, f'{i:06d}.png'))
+        folder = link_inputs(repeated(sources, args.images), os.path.join(work, 'archive'))
         feat = args.feat or os.path.join(work, 'train.pkl')
         if not args.feat:
             measured([sys.executable, 'mahalanobisad.py', '-tr', 'train', '-f', feat, '-i', 'images/good_000.png',

@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import anomaly_model  # noqa: E402
 import image_utils  # noqa: E402
+from benchmarks.common import cli_in_child, link_inputs, repeated  # noqa: E402
 from detector import Detector  # noqa: E402
 
 BOTTLE = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'mvtec', 'bottle')
@@ -58,18 +59,11 @@ def run_fit(train_dir, method, aug_num, feat, model_dir):
 def run_cli(paths, feat, method, model_dir, batch_size):
     """images/s of the CLI scoring `paths` in a fresh process, timed inside it (model load included)."""
     with tempfile.TemporaryDirectory() as folder:
-        inputs = os.path.join(folder, 'inputs')
-        os.makedirs(inputs)
-        for i, path in enumerate(paths):  # repeats as links: every one is decoded for real
-            os.symlink(os.path.abspath(path), os.path.join(inputs, f'{i:06d}.png'))
-        code = ('import sys, time; sys.path.insert(0, sys.argv[1]); import mahalanobisad; '
-                't = time.perf_counter(); c = mahalanobisad.run(sys.argv[2:]); print(time.perf_counter() - t); '
-                'sys.exit(c)')
-        out = subprocess.run([sys.executable, '-c', code, ROOT, '-i', inputs, '-f', feat, '--method', method,
-                              '-th', '0', '--no_figures', '--model_dir', model_dir, '-bs', str(batch_size),
-                              '--json', os.path.join(folder, 'out.json')],
-                             capture_output=True, text=True, check=True, cwd=folder).stdout
-    return len(paths) / float(out.split()[-1])
+        inputs = link_inputs(paths, os.path.join(folder, 'inputs'))
+        seconds, _ = cli_in_child(['-i', inputs, '-f', feat, '--method', method, '-th', '0', '--no_figures',
+                                   '--model_dir', model_dir, '-bs', str(batch_size),
+                                   '--json', os.path.join(folder, 'out.json')], cwd=folder)
+    return len(paths) / seconds
 
 
 def patches_of(detector, paths):
@@ -146,7 +140,7 @@ def main():
     train_dir, test_dir = os.path.join(args.data, 'train', 'good'), os.path.join(args.data, 'test')
     test_paths = image_utils.list_images(test_dir)
     labels = np.array([os.path.relpath(t, test_dir).split(os.sep)[0] != 'good' for t in test_paths])
-    cli_paths = [test_paths[i % len(test_paths)] for i in range(args.images)]
+    cli_paths = repeated(test_paths, args.images)
     n_train = len(image_utils.list_images(train_dir))
     print(f'{args.data}: {n_train} training images, {len(test_paths)} test images, {os.cpu_count()} cores, '
           f'load average {os.getloadavg()[0]:.1f}', file=sys.stderr)

@@ -17,7 +17,6 @@ reports images/s and peak memory; --fit_sizes times fitting on that many trainin
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,13 +30,10 @@ sys.path.insert(0, ROOT)
 import image_utils  # noqa: E402
 import mahalanobisad  # noqa: E402
 import model_utils  # noqa: E402
+from benchmarks.common import cli_in_child, link_inputs, repeated  # noqa: E402
 from detector import Detector  # noqa: E402
 
 BOTTLE = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'mvtec', 'bottle')
-
-
-def repeated(paths, count):
-    return [paths[i % len(paths)] for i in range(count)]
 
 
 def rate(count, seconds):
@@ -66,10 +62,7 @@ def time_backbone(extractor, spec, count, batch_size):
 
 def time_e2e(paths, feat, threshold, model_dir, batch_size):
     with tempfile.TemporaryDirectory() as folder:
-        listing = os.path.join(folder, 'inputs')
-        os.makedirs(listing)
-        for i, path in enumerate(paths):  # repeats as links: every one is decoded for real
-            os.symlink(os.path.abspath(path), os.path.join(listing, f'{i:06d}.png'))
+        listing = link_inputs(paths, os.path.join(folder, 'inputs'))
         start = time.perf_counter()
         code = mahalanobisad.run(['-i', listing, '-f', feat, '-th', str(threshold), '--no_figures',
                                   '--model_dir', model_dir, '-bs', str(batch_size),
@@ -101,16 +94,10 @@ def scaling(sizes, test_paths, feat, threshold, model_dir):
     rows = []
     for count in sizes:
         with tempfile.TemporaryDirectory() as folder:
-            for i, path in enumerate(repeated(test_paths, count)):
-                os.symlink(os.path.abspath(path), os.path.join(folder, f'{i:06d}.png'))
-            # The child's own VmHWM: ru_maxrss would carry this (large) process's peak across fork + exec.
-            code = ('import sys, time; sys.path.insert(0, sys.argv[1]); import mahalanobisad, evaluate; '
-                    't = time.perf_counter(); c = mahalanobisad.run(sys.argv[2:]); '
-                    'print(time.perf_counter() - t, evaluate.peak_memory_mb()); sys.exit(c)')
-            out = subprocess.run([sys.executable, '-c', code, ROOT, '-i', folder, '-f', feat, '-th', str(threshold),
-                                  '--no_figures', '--model_dir', model_dir, '--json', os.path.join(folder, 'o.json')],
-                                 capture_output=True, text=True, check=True).stdout.split()
-        rows.append({'inputs': count, 'images_per_s': rate(count, float(out[0])), 'peak_mb': float(out[1])})
+            seconds, peak_mb = cli_in_child(['-i', link_inputs(repeated(test_paths, count), folder), '-f', feat,
+                                             '-th', str(threshold), '--no_figures', '--model_dir', model_dir,
+                                             '--json', os.path.join(folder, 'o.json')])
+        rows.append({'inputs': count, 'images_per_s': rate(count, seconds), 'peak_mb': peak_mb})
     return rows
 
 
