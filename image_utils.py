@@ -482,7 +482,7 @@ def load_view(path, resize_size, crop_size, bit_depth=None, max_pixels=DEFAULT_M
 HIGH_BIT_DEPTHS = (10, 12, 14, 16)
 
 
-def learn_bit_depth(paths, max_pixels=DEFAULT_MAX_PIXELS, workers=None):
+def learn_bit_depth(paths, max_pixels=DEFAULT_MAX_PIXELS):
     """The bit depth of the training images for `load_view`'s policy: 8 if none has more than 8 bits
     per sample, else the smallest of HIGH_BIT_DEPTHS that holds the largest value of the 16-bit ones.
 
@@ -496,7 +496,7 @@ def learn_bit_depth(paths, max_pixels=DEFAULT_MAX_PIXELS, workers=None):
             image = decode()
             return int(image.max()) if image.dtype == np.uint16 else None
 
-    peaks = [value for batch in stream(paths, peak, batch_size=8, workers=workers)
+    peaks = [value for batch in stream(paths, peak, batch_size=8)
              for _, value in batch if isinstance(value, int)]
     return smallest_bit_depth(max(peaks)) if peaks else 8
 
