@@ -24,12 +24,13 @@ import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from sklearn.metrics import auc, roc_auc_score, roc_curve  # noqa: E402
 
-import anomaly_model  # noqa: E402
+import cli  # noqa: E402
 import image_utils  # noqa: E402
-import mahalanobisad  # noqa: E402
-import model_utils  # noqa: E402
 import plot_utils  # noqa: E402
+import thresholds  # noqa: E402
 from detector import pixel_arrays  # noqa: E402
+from errors import UsageError  # noqa: E402
+from file_io import atomic_write_bytes  # noqa: E402
 
 logger = logging.getLogger('evaluate')
 
@@ -115,7 +116,7 @@ def plant_defects(train_paths, test_paths, test_dir, fraction, seed):
     defective = [p for p in test_paths if is_defective(p, test_dir)]
     count = int(round(fraction * len(train_paths)))
     if count > len(defective):
-        raise mahalanobisad.UsageError(f'--contaminate {fraction} needs {count} defective test images, '
+        raise UsageError(f'--contaminate {fraction} needs {count} defective test images, '
                                        f'{test_dir} has {len(defective)}')
     planted = set(np.random.default_rng(seed).choice(defective, count, replace=False).tolist())
     return train_paths + sorted(planted), [p for p in test_paths if p not in planted], sorted(planted)
@@ -151,7 +152,7 @@ def evaluate_category(root, args):
 
     reset_peak_memory()
     start = time.perf_counter()
-    detector = mahalanobisad.detector_from_args(args).fit(train_paths, source=os.path.abspath(train_dir))
+    detector = cli.detector_from_args(args).fit(train_paths, source=os.path.abspath(train_dir))
     fit_s = time.perf_counter() - start
     if args.exact_search:
         detector.method_.exact_search = True
@@ -166,11 +167,11 @@ def evaluate_category(root, args):
                        for s in scored])
     scores = np.array([s.score for s in scored])
     if labels.all() or not labels.any():
-        raise mahalanobisad.UsageError(f'{test_dir} needs both good and defective images to evaluate')
+        raise UsageError(f'{test_dir} needs both good and defective images to evaluate')
     if has_ground_truth:
-        image_f1 = detector.calibrate_results(scored, source=f'{category} test set').calibration_['image_f1']
+        image_f1 = detector.calibrate_results(scored, source=f'{category} test set').thresholds_.calibration['image_f1']
     else:  # labels from the folders: the image threshold only
-        threshold, image_f1 = anomaly_model.f1_optimal_threshold(labels, scores)
+        threshold, image_f1 = thresholds.f1_optimal_threshold(labels, scores)
         detector.set_threshold(threshold, f'F1-optimal on {category} test set')
     row = {'category': category, 'method': detector.method, 'model': detector.spec.name,
            'image_auroc': float(roc_auc_score(labels, scores)), 'pixel_auroc': None, 'aupro': None,
@@ -212,7 +213,7 @@ def save_roc_figure(path, category, labels, scores, title):
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=100)
     plt.close(fig)
-    model_utils.atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_category_figures(folder, row, scored, labels, detector, pixels):
@@ -257,8 +258,8 @@ def write_results(folder, rows):
     writer = csv.DictWriter(buffer, fieldnames=METRIC_KEYS, lineterminator='\n')
     writer.writeheader()
     writer.writerows(rows)
-    model_utils.atomic_write_bytes(os.path.join(folder, 'metrics.csv'), buffer.getvalue().encode())
-    model_utils.atomic_write_bytes(os.path.join(folder, 'metrics.json'), json.dumps(rows, indent=1).encode())
+    atomic_write_bytes(os.path.join(folder, 'metrics.csv'), buffer.getvalue().encode())
+    atomic_write_bytes(os.path.join(folder, 'metrics.json'), json.dumps(rows, indent=1).encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,24 +267,24 @@ def write_results(folder, rows):
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = mahalanobisad.OneLineArgumentParser(prog='evaluate.py', description=__doc__.split('\n\n')[0],
+    p = cli.OneLineArgumentParser(prog='evaluate.py', description=__doc__.split('\n\n')[0],
                                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--data_path', type=mahalanobisad.existing_dir, required=True,
+    p.add_argument('--data_path', type=cli.existing_dir, required=True,
                    help='dataset root: one MVTec-layout folder per category')
     p.add_argument('--category', action='append', default=None,
                    help='category to evaluate (repeatable); default every category found')
-    p.add_argument('--save_path', type=mahalanobisad.output_dir, default='results',
+    p.add_argument('--save_path', type=cli.output_dir, default='results',
                    help='folder for metrics.csv/json and figures')
-    p.add_argument('--contaminate', type=mahalanobisad.open_fraction, default=None, metavar='FRACTION',
+    p.add_argument('--contaminate', type=cli.open_fraction, default=None, metavar='FRACTION',
                    help='move a seeded FRACTION (of the number of training images) of the defective test images '
                         'into the training set (Rippel et al. 2021)')
     p.add_argument('--clean_baseline', action='store_true',
                    help='with --contaminate: withhold the same defective test images from the test set but do not '
                         'plant them (the clean fit the contaminated one is compared with)')
-    mahalanobisad.add_holdout_arguments(p)
+    cli.add_holdout_arguments(p)
     p.add_argument('--exact_search', action='store_true',
                    help='patchcore: score with brute-force nearest patches instead of the index')
-    mahalanobisad.add_model_arguments(p)
+    cli.add_model_arguments(p)
     args = p.parse_args(argv)
     if args.clean_baseline and not args.contaminate:
         p.error('--clean_baseline needs --contaminate FRACTION (which test images to withhold)')
@@ -292,23 +293,23 @@ def parse_args(argv=None):
 
 def find_categories(data_path, requested):
     if not os.path.isdir(data_path):
-        raise mahalanobisad.UsageError(f'no such directory: {data_path}')
+        raise UsageError(f'no such directory: {data_path}')
     found = sorted(d for d in os.listdir(data_path) if os.path.isdir(os.path.join(data_path, d, 'train', 'good')))
     if requested:
         missing = [c for c in requested if c not in found]
         if missing:
-            raise mahalanobisad.UsageError(f'no category {", ".join(missing)} (with train/good/) in {data_path}; '
+            raise UsageError(f'no category {", ".join(missing)} (with train/good/) in {data_path}; '
                                            f'found: {", ".join(found) or "none"}')
         return requested
     if not found:
-        raise mahalanobisad.UsageError(f'no category folders with train/good/ in {data_path}')
+        raise UsageError(f'no category folders with train/good/ in {data_path}')
     return found
 
 
 def main(argv=None):
     args = parse_args(argv)
     categories = find_categories(args.data_path, args.category)
-    spec = mahalanobisad.detector_from_args(args).spec
+    spec = cli.detector_from_args(args).spec
     logger.info('evaluating %s on %s with %s', ', '.join(categories), args.data_path, spec.name)
     os.makedirs(args.save_path, exist_ok=True)
     rows = []
@@ -326,4 +327,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(mahalanobisad.run_cli(main, 'evaluate.py'))
+    sys.exit(cli.run_cli(main, 'evaluate.py'))

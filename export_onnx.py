@@ -20,6 +20,7 @@ pixel for pixel against cv2 for shrinking, integer and enlarging sizes). Everyth
 is float32 arithmetic in another order than NumPy's, so scores agree to about 1e-6 relative.
 """
 import json
+import logging
 import math
 
 import cv2
@@ -27,13 +28,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-import anomaly_model
+import feature_maps
 import image_utils
-from model_utils import ModelError, atomic_write_bytes, expose_spatial_outputs
+from errors import ModelError, UsageError
+from file_io import atomic_write_bytes
+from model_utils import expose_spatial_outputs
 
 MIN_OPSET = 13          # ReduceSum's axes as an input, Squeeze/Unsqueeze axes as inputs
 BANK_CHUNK = 4096       # PatchCore: bank rows per distance block (peak memory: N x P x BANK_CHUNK floats)
 RESIZE_COEF_BITS = 11   # OpenCV's INTER_RESIZE_COEF_BITS (fixed-point INTER_LINEAR on uint8)
+logger = logging.getLogger('mahalanobisad')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,17 +255,17 @@ def _add_backbone(g, backbone, x):
 # ----------------------------------------------------------------------------------------------
 
 def _pool(g, feature_map):
-    return g.reduce('ReduceMean', feature_map, [2, 3])  # anomaly_model.pool_features
+    return g.reduce('ReduceMean', feature_map, [2, 3])  # feature_maps.pool_features
 
 
 def _embed_patches(g, maps, shapes, levels, grid):
-    """anomaly_model.embed_patches: levels resampled onto grid x grid, stacked -> (N, P, D)."""
+    """feature_maps.embed_patches: levels resampled onto grid x grid, stacked -> (N, P, D)."""
     parts = []
     for level in levels:
         x, (channels, h, w) = maps[level], shapes[level]
         if (h, w) != (grid, grid):
-            x = g.op('MatMul', [g.const(anomaly_model.resampling_matrix(h, grid).T), x])
-            x = g.op('MatMul', [x, g.const(anomaly_model.resampling_matrix(w, grid))])
+            x = g.op('MatMul', [g.const(feature_maps.resampling_matrix(h, grid).T), x])
+            x = g.op('MatMul', [x, g.const(feature_maps.resampling_matrix(w, grid))])
         parts.append(g.op('Reshape', [x, g.shape_const([0, channels, grid * grid])]))
     stacked = g.op('Concat', parts, axis=1) if len(parts) > 1 else parts[0]
     return g.op('Transpose', [stacked], perm=[0, 2, 1])
@@ -279,7 +283,7 @@ def _distance_constants(g, b):
 
 
 def _squared_distances(g, a, constants):
-    """anomaly_model.squared_distances, |a|^2 - 2 a.b + |b|^2: a (..., M, D) -> (..., M, B)."""
+    """nearest_neighbours.squared_distances, |a|^2 - 2 a.b + |b|^2: a (..., M, D) -> (..., M, B)."""
     minus_two_b_t, b_norms = constants
     return g.op('Add', [g.op('Add', [_squared_norms(g, a), g.op('MatMul', [a, minus_two_b_t])]), b_norms])
 
@@ -297,8 +301,8 @@ def _pixel_gaussian(g, patches, model):
     return g.op('Transpose', [_sqrt_clipped(g, squared)], perm=[1, 0])
 
 
-def smoothing_matrix(grid, output_size, sigma=anomaly_model.PIXEL_MAP_SIGMA):
-    """(output_size, grid) matrix K with K @ m @ K.T = anomaly_model.upsample_and_smooth(m): OpenCV's
+def smoothing_matrix(grid, output_size, sigma=feature_maps.PIXEL_MAP_SIGMA):
+    """(output_size, grid) matrix K with K @ m @ K.T = feature_maps.upsample_and_smooth(m): OpenCV's
     float INTER_LINEAR upsampling, then its Gaussian (kernel 8 sigma + 1 wide, BORDER_REFLECT)."""
     upsample = np.zeros((output_size, grid))
     for d in range(output_size):  # the float path keeps the float32 fraction (no 1/2048 units)
@@ -320,7 +324,7 @@ def smoothing_matrix(grid, output_size, sigma=anomaly_model.PIXEL_MAP_SIGMA):
 
 
 def _upsample_and_smooth(g, distances, grid, output_size):
-    """(N, P) patch distances -> (N, S, S) map, as anomaly_model.upsample_and_smooth."""
+    """(N, P) patch distances -> (N, S, S) map, as feature_maps.upsample_and_smooth."""
     grids = g.op('Reshape', [distances, g.shape_const([-1, grid, grid])])
     k = smoothing_matrix(grid, output_size)
     return g.op('MatMul', [g.op('MatMul', [g.const(k), grids]), g.const(np.ascontiguousarray(k.T))])
@@ -329,16 +333,16 @@ def _upsample_and_smooth(g, distances, grid, output_size):
 def _mahalanobis(g, method, maps, shapes, output_size):
     params = method.params
     total = None
-    for level, mean, precision in zip(params['image_levels'], method.image_model.means_,
-                                      method.image_model.precisions_):
+    for level, mean, precision in zip(params['image_levels'], method.image_model_.means_,
+                                      method.image_model_.precisions_):
         centred = g.op('Sub', [_pool(g, maps[level]), g.const(mean.astype(np.float32))])
         projected = g.op('MatMul', [centred, g.const(precision.astype(np.float32))])
         distance = _sqrt_clipped(g, g.reduce('ReduceSum', g.op('Mul', [projected, centred]), [1]))
         total = distance if total is None else g.op('Add', [total, distance])
-    if method.pixel_model is None:
+    if method.pixel_model_ is None:
         return total, None
     patches = _embed_patches(g, maps, shapes, params['pixel_levels'], params['grid'])
-    distances = _pixel_gaussian(g, patches, method.pixel_model)
+    distances = _pixel_gaussian(g, patches, method.pixel_model_)
     return total, _upsample_and_smooth(g, distances, params['grid'], output_size)
 
 
@@ -346,14 +350,14 @@ def _padim(g, method, maps, shapes, output_size):
     params = method.params
     patches = _embed_patches(g, maps, shapes, params['levels'], params['grid'])
     patches = g.op('Gather', [patches, g.const(np.array(params['channels'], np.int64))], axis=2)
-    anomaly_map = _upsample_and_smooth(g, _pixel_gaussian(g, patches, method.model), params['grid'], output_size)
+    anomaly_map = _upsample_and_smooth(g, _pixel_gaussian(g, patches, method.gaussian_), params['grid'], output_size)
     return g.reduce('ReduceMax', anomaly_map, [1, 2]), anomaly_map
 
 
 def _spade(g, method, maps, shapes, output_size):
     params = method.params
-    train_pooled = method.train_pooled.astype(np.float32)
-    train_patches = method.train_patches.astype(np.float32)                            # (T, P, D)
+    train_pooled = method.train_pooled_.astype(np.float32)
+    train_patches = method.train_patches_.astype(np.float32)                            # (T, P, D)
     k = min(params['k'], len(train_pooled))
     pooled = _pool(g, maps[params['image_level']])
     distances = _sqrt_clipped(g, _squared_distances(g, pooled, _distance_constants(g, train_pooled)))
@@ -412,9 +416,9 @@ def _patchcore(g, method, maps, shapes, output_size):
     (and where every probed list is empty, the exact one, as NearestPatchIndex.search). Size and
     speed: the graph stores only the bank, its rows' list numbers and the centres, but it still
     computes every query-to-bank distance, so the export runs at brute-force speed, not the index's
-    (README: Deploying)."""
+    (docs/deploying.md)."""
     params = method.params
-    bank = np.ascontiguousarray(method.bank, np.float32)
+    bank = np.ascontiguousarray(method.bank_, np.float32)
     b, d = bank.shape
     aggregated = {l: g.op('AveragePool', [maps[l]], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1],
                           count_include_pad=1) for l in params['levels']}
@@ -422,15 +426,15 @@ def _patchcore(g, method, maps, shapes, output_size):
     queries = g.op('Reshape', [patches, g.shape_const([-1, d])])                        # (N*P, D)
     starts = range(0, b, BANK_CHUNK)
     chunks = [_distance_constants(g, bank[start:start + BANK_CHUNK]) for start in starts]
-    row_lists = None if method.exact_search else method.index.row_lists()
-    penalties = None if row_lists is None else _probe_penalties(g, queries, method.index)
+    row_lists = None if method.exact_search else method.index_.row_lists()
+    penalties = None if row_lists is None else _probe_penalties(g, queries, method.index_)
     # The exact minimum serves only where a query's probed lists can all be empty (NearestPatchIndex's
     # fallback): with fewer empty lists than probes, never, and its reductions are left out.
     if row_lists is None:
         exact_needed = True
     else:
-        empty_lists = np.sum(np.bincount(row_lists, minlength=len(method.index.centroids)) == 0)
-        exact_needed = empty_lists >= method.index.probes
+        empty_lists = np.sum(np.bincount(row_lists, minlength=len(method.index_.centroids)) == 0)
+        exact_needed = empty_lists >= method.index_.probes
     exact, probed = [], []
     for start, chunk in zip(starts, chunks):  # block by block, so that one (M, chunk) block is alive at a time
         block = _squared_distances(g, queries, chunk)
@@ -548,11 +552,28 @@ def save_model(model, path):
     return len(data)
 
 
-def export_detector(detector, path, size, version):
-    """Write the model of a fitted detector.Detector for images of size (width, height) to `path`
-    (atomically) -> bytes written. metadata_props (text): the thresholds and their source, backbone,
-    method and options, input and export sizes, training set, the tool's version (README: Deploying)."""
+def export_size(meta, size=None):
+    """(width, height) the exported model takes: `size`, or the size the training images share
+    (UsageError when they differ or the feature file does not record it)."""
+    if size is None:
+        size = meta.get('train_image_size')
+        if size is None:
+            reason = ('the training images differ in size' if 'train_image_size' in meta
+                      else 'the feature file does not record the training images\' size')
+            raise UsageError(f'{reason}: give the size of the images to score (--export_size W H)')
+    width, height = size
+    if min(width, height) < 1:
+        raise UsageError(f'export size must be positive, got {width} x {height}')
+    return int(width), int(height)
+
+
+def export_detector(detector, path, size=None, version=''):
+    """Write the model of a fitted detector.Detector for images of `size` (width, height; see
+    export_size) to `path` (atomically) -> bytes written. metadata_props (text): the thresholds and
+    their source, backbone, method and options, input and export sizes, training set, the tool's
+    version (docs/deploying.md)."""
     spec, extractor, meta = detector.spec, detector.extractor, detector.meta_
+    size = export_size(meta, size)
     probe = np.zeros((1, 3, spec.input_size, spec.input_size), np.float32)
     shapes = [m.shape[1:] for m in extractor.session.run(extractor.output_names, {extractor.input_name: probe})]
     metadata = {'threshold': repr(float(detector.threshold_)), 'threshold_source': detector.threshold_source_,
@@ -564,4 +585,7 @@ def export_detector(detector, path, size, version):
     if detector.pixel_threshold_ is not None:
         metadata['pixel_threshold'] = repr(float(detector.pixel_threshold_))
     model = build_model(spec, extractor.onnx_path, detector.method_, shapes, size, detector.threshold_, metadata)
-    return save_model(model, path)
+    size_bytes = save_model(model, path)
+    logger.info('exported %s to %s (%.1f MB; input %d x %d RGB, threshold %.3f from %s)', detector.method_.name,
+                path, size_bytes / 2 ** 20, size[0], size[1], detector.threshold_, detector.threshold_source_)
+    return size_bytes

@@ -9,6 +9,7 @@ it would take) before any pixel is decoded: see `_checked`.
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -18,6 +19,9 @@ import threading
 
 import cv2
 import numpy as np
+
+from errors import ImageError, UsageError
+from file_io import display_path
 
 # Parallelism is per image (see `stream`): OpenCV's own worker threads would only compete with it.
 cv2.setNumThreads(1)
@@ -53,10 +57,6 @@ def thread_budget():
     positive integer, else every core."""
     value = os.environ.get(THREADS_ENV, '')
     return int(value) if value.isdigit() and int(value) > 0 else os.cpu_count() or 1
-
-
-class ImageError(ValueError):
-    """An image or mask cannot be used; the message names the file and the reason."""
 
 
 def is_image_file(path):
@@ -532,17 +532,6 @@ def load_mask(path, image_shape=None, max_pixels=DEFAULT_MAX_PIXELS):
     return defect
 
 
-def display_path(path):
-    """`path` as valid UTF-8 text for logs, figures and JSON: bytes that are not UTF-8 (file names
-    decoded with surrogate escapes) shown as \\xNN."""
-    try:
-        return os.fsencode(path).decode('utf-8', 'backslashreplace')
-    except UnicodeEncodeError:  # a str with lone surrogates that no file system name produced
-        return path.encode('utf-8', 'backslashreplace').decode('utf-8')
-    except TypeError:
-        return str(path)
-
-
 def find_mask(image_path, test_dir, gt_dir):
     """Path of the ground-truth mask of `image_path`, or None.
 
@@ -627,6 +616,58 @@ def augment(image, rng, resize_size, crop_size):
     rotated = cv2.warpAffine(resized, rotation, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     top, left = rng.integers(0, h - crop_size + 1), rng.integers(0, w - crop_size + 1)
     return rotated[top:top + crop_size, left:left + crop_size]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the network's input, for one backbone and one fit.
+
+    input_size: side S of the square network view; resize_size: the shorter side is resized to this
+    first (input_size / 0.875); mean, std: the backbone's normalisation; bit_depth: significant bits of
+    16-bit files (load_view's policy; None before a fit has learnt it); max_pixels: larger files are
+    refused from their header. Images are file paths or RGB uint8 arrays (H, W, 3) of any size.
+    """
+    input_size: int
+    resize_size: int
+    mean: tuple
+    std: tuple
+    bit_depth: int = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def view(self, image):
+        """A path or an RGB uint8 array -> (network view (S, S, 3) uint8 RGB, the image's (H, W))."""
+        if isinstance(image, np.ndarray):
+            image = check_rgb_array(image)
+            return network_view(image, self.resize_size, self.input_size), image.shape[:2]
+        return load_view(os.fspath(image), self.resize_size, self.input_size, self.bit_depth, self.max_pixels)
+
+    def training_views(self, image, index, copies, seed):
+        """All views of one training image, decoded once: the plain one, then `copies` augmented ones
+        (seeded per (seed, index, copy): the same views whatever the thread order); and its (H, W)."""
+        if not copies:
+            view, shape = self.view(image)
+            return [view], shape
+        image = (check_rgb_array(image) if isinstance(image, np.ndarray)
+                 else load_image(os.fspath(image), self.bit_depth, self.max_pixels))
+        views = [network_view(image, self.resize_size, self.input_size)]
+        for copy in range(1, 1 + copies):
+            views.append(augment(image, np.random.default_rng([seed, index, copy]), self.resize_size,
+                                 self.input_size))
+        return views, image.shape[:2]
+
+    def mask_view(self, mask, image_shape):
+        """A mask path or bool array of the image's (H, W) -> (S, S) bool in the view's geometry.
+        UsageError if it cannot be used: broken ground truth would bias the thresholds."""
+        try:
+            mask = (load_mask(os.fspath(mask), image_shape, self.max_pixels) if not isinstance(mask, np.ndarray)
+                    else check_mask_array(mask, image_shape))
+        except ImageError as e:
+            raise UsageError(f'ground truth unusable: {e}') from None
+        return mask_view(mask, self.resize_size, self.input_size)
+
+    def tensors(self, views):
+        """Views [(S, S, 3) uint8] -> the backbone's input (N, 3, S, S) float32, normalised."""
+        return np.stack([to_tensor(view, self.mean, self.std) for view in views])
 
 
 def stream(items, load, batch_size, workers=None):

@@ -29,10 +29,9 @@ except ImportError:  # Windows: completeness of a watched file is judged by its 
     fcntl = None
 
 import image_utils
-import model_utils
 import plot_utils
-from detector import UsageError
-from image_utils import ImageError
+from errors import ImageError, UsageError
+from file_io import fit_path
 
 logger = logging.getLogger('mahalanobisad')
 
@@ -486,7 +485,7 @@ def watch_folder(detector, folder, figures_dir=None, json_path=None, poll_s=WATC
                                 tally.unreadable += 1
                                 continue
                             tally.add(result.anomaly)
-                            figure = figures_dir and model_utils.fit_path(os.path.join(
+                            figure = figures_dir and fit_path(os.path.join(
                                 figures_dir, image_utils.flat_name(result.path, folder) + '.png'))
                             records.write(report_image(detector, result.path, result, result.anomaly, figure, figures))
             except KeyboardInterrupt:

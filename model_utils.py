@@ -10,12 +10,11 @@ only build tensors, and `build_efficientnet_onnx` writes the graph with the onnx
 """
 import collections
 import dataclasses
-import hashlib
+import functools
 import importlib.util
 import logging
 import os
 import pickle
-import secrets
 import time
 import zipfile
 
@@ -32,6 +31,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
 import image_utils
+from errors import ModelError
+from file_io import atomic_write_bytes, create_temporary, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Stride of the first block of each of the 7 EfficientNet stages (the same for b0..b7 and lite0..4).
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
 BN_EPSILON = 1e-3  # TF EfficientNet's batch-norm epsilon, kept by the lukemelas port
-
-
-class ModelError(RuntimeError):
-    """A backbone cannot be found, built or opened; the message says why, in one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,78 +318,6 @@ def build_efficientnet_onnx(state_dict, name):
 # Acquiring a backbone and running it
 # ----------------------------------------------------------------------------------------------
 
-def name_limit(folder):
-    """Longest file name, in bytes, that the file system holding `folder` (or its nearest existing
-    ancestor) accepts."""
-    folder = os.path.abspath(folder)
-    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    try:
-        return os.pathconf(folder, 'PC_NAME_MAX')
-    except (OSError, ValueError, AttributeError):
-        return 255
-
-
-def shorten_name(name, limit):
-    """`name` (a file name) if it fits `limit` bytes, else deterministically shortened to fit: a
-    readable prefix, '~', 10 hex digits of the SHA-1 of the whole name, and the extension."""
-    encoded = os.fsencode(name)
-    if len(encoded) <= limit:
-        return name
-    stem, extension = os.path.splitext(encoded)
-    if len(extension) > 16:
-        extension = b''
-    tag = b'~' + hashlib.sha1(encoded).hexdigest()[:10].encode()
-    cut = max(0, limit - len(tag) - len(extension))
-    while 0 < cut < len(stem) and 0x80 <= stem[cut] < 0xC0:  # never split a UTF-8 character
-        cut -= 1
-    return os.fsdecode(stem[:cut] + tag + extension)
-
-
-def fit_path(path):
-    """`path` with its file name shortened (see shorten_name) if the file system would refuse it:
-    for output names derived from input names."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, shorten_name(name, name_limit(folder or '.')))
-
-
-def create_temporary(path, suffix):
-    """A new file beside `path` -> (fd, temporary path): hidden, unique, its name within the file
-    system's limit however long `path`'s is, and created with mode 0666 less the user's umask (so
-    the file renamed into place has the mode any new file of the user would have)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    random_part = secrets.token_hex(4)
-    room = name_limit(folder) - len(f'..{random_part}{suffix}')
-    for _ in range(100):
-        temporary = os.path.join(folder, f'.{shorten_name(name, room)}.{random_part}{suffix}')
-        try:
-            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_CLOEXEC', 0), 0o666), \
-                temporary
-        except FileExistsError:
-            random_part = secrets.token_hex(4)
-    raise FileExistsError(f'no free temporary name beside {path}')
-
-
-def atomic_write_bytes(path, data):
-    """Write `data` to `path` through a temporary file in the same folder and a rename,
-    so a reader never sees a half-written file; on any failure (Ctrl-C included) nothing is left."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = create_temporary(path, '.tmp')
-    except OSError as e:
-        raise OSError(f'cannot write {path}: {e.strerror or e}') from None
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise OSError(f'cannot write {path}: {e.strerror or e}') from None
-        raise
-
-
 def _open_session(path_or_bytes, provider=None):
     """An onnxruntime session on `provider` (default CPUExecutionProvider; others fall back to the CPU
     for the operators they lack)."""
@@ -529,13 +454,9 @@ def _download_to(url, part_path, sha256):
         else:
             raise ModelError(f'{error} (after {DOWNLOAD_ATTEMPTS} attempts)')
     if sha256 is not None:
-        import hashlib
-        digest = hashlib.sha256()
-        with open(part_path, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                digest.update(block)
-        if digest.hexdigest() != sha256:
-            raise ModelError(f'sha256 {digest.hexdigest()} differs from the expected {sha256}')
+        digest = file_sha256(part_path)
+        if digest != sha256:
+            raise ModelError(f'sha256 {digest} differs from the expected {sha256}')
     try:
         _validate_model(part_path)
     except ValueError as e:
@@ -653,3 +574,14 @@ class FeatureExtractor:
             elif output.ndim != 4:
                 raise ModelError(f"model output '{name}' has shape {output.shape}, not a feature map (N, C, H, W)")
         return outputs
+
+
+@functools.lru_cache(maxsize=4)
+def open_backbone(model, model_dir, model_url=None, provider=None):
+    """(BackboneSpec, FeatureExtractor) of a `-m` value (resolve_model), opened once per process and
+    shared by every Detector."""
+    spec, onnx_path = resolve_model(model, model_dir, model_url)
+    extractor = FeatureExtractor(onnx_path, provider)
+    logger.info('model %s (%s, input %dx%d, %d feature levels, on %s)', spec.name, onnx_path,
+                spec.input_size, spec.input_size, len(extractor.output_names), extractor.session.get_providers()[0])
+    return spec, extractor

@@ -10,8 +10,7 @@ import cv2
 import numpy as np
 from skimage.segmentation import mark_boundaries
 
-from image_utils import display_path
-from model_utils import atomic_write_bytes
+from file_io import atomic_write_bytes, display_path
 
 PANEL = 256            # side of each panel, pixels
 MARGIN = 12

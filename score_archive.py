@@ -14,7 +14,6 @@ import argparse
 import collections
 import contextlib
 import glob
-import hashlib
 import importlib.util
 import itertools
 import json
@@ -30,17 +29,17 @@ from distributed import Client, LocalCluster, as_completed, get_worker
 from distributed.scheduler import KilledWorker
 from tqdm import tqdm
 
+import cli
 import image_utils
-import mahalanobisad
-from detector import Detector, UsageError
-from image_utils import ImageError
-from model_utils import atomic_write_bytes
+from detector import Detector
+from errors import ImageError, UsageError
+from file_io import atomic_write_bytes, file_sha256
 
 logger = logging.getLogger('score_archive')
 
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 
-# Images per task, measured (README, benchmarks/archive_throughput.py): smaller shards pay the per-task
+# Images per task, measured (docs/score_archive.md, benchmarks/archive_throughput.py): smaller shards pay the per-task
 # pipeline start more often, larger ones lose more work to a dead worker and balance the last shards worse.
 DEFAULT_SHARD_SIZE = 256
 # Shard tasks in flight per worker thread: one running and one queued keeps every worker busy.
@@ -62,7 +61,7 @@ def scheduler_argument(text):
 
 
 def parse_args(argv=None):
-    p = mahalanobisad.OneLineArgumentParser(prog='score_archive.py', description=__doc__.split('\n\n')[0],
+    p = cli.OneLineArgumentParser(prog='score_archive.py', description=__doc__.split('\n\n')[0],
                                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--feat', required=True,
                    help='fitted feature file (with its stored thresholds), at a path every worker can read')
@@ -73,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument('--scheduler', type=scheduler_argument, default=f'local:{os.cpu_count() or 1}',
                    help='local:N starts N worker processes here (the cores shared out among them); '
                         'tcp://host:8786 connects to a running scheduler')
-    p.add_argument('--shard_size', type=mahalanobisad.positive_int, default=DEFAULT_SHARD_SIZE,
+    p.add_argument('--shard_size', type=cli.positive_int, default=DEFAULT_SHARD_SIZE,
                    help='images per task')
     p.add_argument('--resume', action='store_true', help='skip the shards whose part file exists')
     p.add_argument('--dashboard', action='store_true', help='local:N only: serve the Dask dashboard on :8787 '
@@ -171,14 +170,6 @@ def score_shard(index, paths, base, feat, model_dir, output):
 # client side
 # ----------------------------------------------------------------------------------------------
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepare_output(output, job, resume):
     """Check that `output` may take this job's parts and record the job in it: without --resume it must
     hold no parts; with --resume, its parts must come from the same input, feature file and shard size."""
@@ -236,7 +227,7 @@ def check_cluster_imports(client):
     missing = [where for where, spec in found.items() if spec is None]
     if missing:
         raise UsageError(f'{", ".join(missing)} cannot import {__name__}: start dask scheduler and dask worker '
-                         f'with PYTHONPATH={PROJECT_DIR} (README: Scoring an archive on a cluster)')
+                         f'with PYTHONPATH={PROJECT_DIR} (docs/score_archive.md)')
 
 
 def run_shards(client, shard_iter, task_args, output, resume, progress):
@@ -321,7 +312,7 @@ def main(argv=None):
 
 def run(argv=None):
     logging.getLogger('distributed').setLevel(logging.WARNING)  # its INFO lines are the cluster's plumbing
-    return mahalanobisad.run_cli(main, 'score_archive.py', argv)
+    return cli.run_cli(main, 'score_archive.py', argv)
 
 
 if __name__ == '__main__':

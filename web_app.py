@@ -31,9 +31,10 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+import cli
 import image_utils
-import mahalanobisad
-from mahalanobisad import Detector
+import thresholds
+from detector import Detector
 
 logger = logging.getLogger('web_app')
 
@@ -52,7 +53,7 @@ SECURITY_HEADERS = [(b'content-security-policy', b"default-src 'self'; img-src '
 
 
 def parse_args(argv=None):
-    p = mahalanobisad.OneLineArgumentParser(prog='web_app.py', description=__doc__.split('\n\n')[0],
+    p = cli.OneLineArgumentParser(prog='web_app.py', description=__doc__.split('\n\n')[0],
                                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('-f', '--feat', required=True, help='feature file fitted by mahalanobisad.py (threshold saved here)')
     p.add_argument('--host', default='127.0.0.1', help='address to listen on (0.0.0.0: every interface)')
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument('--gt_dir', default=None, help='masks of --test_dir images (default gt_masks)')
     p.add_argument('-m', '--model', default=None, help='backbone to check the feature file against (default: its own)')
     p.add_argument('--method', default=None, help='method to check the feature file against (default: its own)')
-    p.add_argument('-bs', '--batch_size', type=mahalanobisad.positive_int, default=16, help='images per backbone run')
+    p.add_argument('-bs', '--batch_size', type=cli.positive_int, default=16, help='images per backbone run')
     p.add_argument('--model_dir', default='models', help='cache of ONNX backbones')
     p.add_argument('--model_url', default=None, help='base URL of b0..b7 downloads')
     args = p.parse_args(argv)
@@ -431,11 +432,8 @@ async def json_body(request):
 
 def labelled_set(args):
     """(paths, masks, test_dir, gt_dir) of the labelled images (the CLI's defaults), or None."""
-    dirs = mahalanobisad.labelled_dirs(args)
-    if dirs is None:
-        return None
-    paths = image_utils.list_images(dirs[0])
-    return paths, [image_utils.find_mask(p, *dirs) for p in paths], *dirs
+    labelled = thresholds.LabelledSet.find(args.test_dir, args.gt_dir)
+    return None if labelled is None else (*labelled.listing(), labelled.test_dir, labelled.gt_dir)
 
 
 def main(argv=None):
@@ -456,7 +454,7 @@ def main(argv=None):
 
 
 def run(argv=None):
-    return mahalanobisad.run_cli(main, 'web_app.py', argv)
+    return cli.run_cli(main, 'web_app.py', argv)
 
 
 if __name__ == '__main__':

@@ -13,7 +13,7 @@ Measured in one run (every ratio is within it):
   patch differs, how far the distances, image scores and maps move, both image AUROCs, and the
   search's milliseconds per image (one thread);
 - coverage (--coverage): the largest and the mean distance from a training patch to its nearest bank
-  patch, for the chunked coreset (anomaly_model.chunked_coreset) and the exact greedy over all patches.
+  patch, for the chunked coreset (nearest_neighbours.chunked_coreset) and the exact greedy over all patches.
 Prints tables and one JSON line.
 """
 import argparse
@@ -30,8 +30,8 @@ from threadpoolctl import threadpool_limits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import anomaly_model  # noqa: E402
 import image_utils  # noqa: E402
+import nearest_neighbours  # noqa: E402
 from benchmarks.common import cli_in_child, link_inputs, repeated  # noqa: E402
 from detector import Detector  # noqa: E402
 
@@ -46,7 +46,7 @@ def child_fit(train_dir, method, aug_num, feat, model_dir):
     detector.fit(image_utils.list_images(train_dir), source=os.path.abspath(train_dir))
     fit_s = time.perf_counter() - start
     detector.save(feat)
-    bank = len(detector.method_.bank) if method == 'patchcore' else None
+    bank = len(detector.method_.bank_) if method == 'patchcore' else None
     print(json.dumps({'fit_s': fit_s, 'bank': bank, 'peak_mb': evaluate.peak_memory_mb()}))
 
 
@@ -84,10 +84,10 @@ def index_effect(feat, paths, labels, model_dir):
     queries = patches.reshape(-1, patches.shape[-1])
     with threadpool_limits(1):
         start = time.perf_counter()
-        approx_distances, approx_indices = method.index.search(queries)
+        approx_distances, approx_indices = method.index_.search(queries)
         approx_ms = (time.perf_counter() - start) * 1000 / len(paths)
         start = time.perf_counter()
-        exact_distances, exact_indices = method.index.search(queries, exact=True)
+        exact_distances, exact_indices = method.index_.search(queries, exact=True)
         exact_ms = (time.perf_counter() - start) * 1000 / len(paths)
         scored = {}
         for exact in (False, True):
@@ -96,7 +96,7 @@ def index_effect(feat, paths, labels, model_dir):
             scored[exact] = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     moved = (approx_distances - exact_distances) / np.maximum(exact_distances, 1e-6)
     (approx_scores, approx_maps), (exact_scores, exact_maps) = scored[False], scored[True]
-    return {'lists': len(method.centroids), 'nearest_differs': float(np.mean(approx_indices != exact_indices)),
+    return {'lists': len(method.centroids_), 'nearest_differs': float(np.mean(approx_indices != exact_indices)),
             'distance_moved_mean': float(moved.mean()), 'distance_moved_max': float(moved.max()),
             'score_moved_max': float(np.max(np.abs(approx_scores - exact_scores) / exact_scores)),
             'map_moved_max': float(np.abs(approx_maps - exact_maps).max() / exact_maps.max()),
@@ -114,14 +114,14 @@ def coverage(train_dir, model_dir):
     params = detector.method_.params
     rows = {}
     start = time.perf_counter()
-    chunked = anomaly_model.chunked_coreset(patches, params['coreset_ratio'], seed=params['seed'])
+    chunked = nearest_neighbours.chunked_coreset(patches, params['coreset_ratio'], seed=params['seed'])
     rows['chunked'] = time.perf_counter() - start, chunked
     start = time.perf_counter()
-    exact = anomaly_model.greedy_coreset(flat, len(chunked), params['projection_dims'], params['seed'])
+    exact = nearest_neighbours.greedy_coreset(flat, len(chunked), params['projection_dims'], params['seed'])
     rows['exact greedy'] = time.perf_counter() - start, exact
     result = {}
     for name, (seconds, chosen) in rows.items():
-        distances = anomaly_model.nearest_distances(flat, flat[chosen])[0]
+        distances = nearest_neighbours.nearest_distances(flat, flat[chosen])[0]
         result[name] = {'s': seconds, 'bank': len(chosen), 'max': float(distances.max()),
                         'mean': float(distances.mean())}
     return result

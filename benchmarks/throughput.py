@@ -134,7 +134,7 @@ def main():
         assert mahalanobisad.run(['-tr', args.train_dir, '-f', feat, '-i', test_paths[0], '-th', '0',
                                   '--no_figures', '--model_dir', args.model_dir]) == 0
         fitted = Detector.load(feat, model_dir=args.model_dir)
-        image_model = fitted.method_.image_model
+        image_model = fitted.method_.image_model_
         threshold = fitted.threshold_
 
         result = {'inputs': len(paths)}

@@ -13,8 +13,8 @@ import traceback
 
 import numpy as np
 
-import anomaly_model
-import detector
+import errors
+import feature_file
 import image_utils
 from tests import hostile
 
@@ -34,7 +34,7 @@ def main(folder, max_pixels):
         try:
             action(*args, **kwargs)
             outcomes['accepted'] += 1
-        except (image_utils.ImageError, anomaly_model.FeatureFileError):
+        except (image_utils.ImageError, errors.FeatureFileError):
             outcomes['refused'] += 1
         except Exception:  # noqa: BLE001 - the point: anything else is a failure, shown in full
             outcomes['unexpected'] += 1
@@ -42,8 +42,8 @@ def main(folder, max_pixels):
             traceback.print_exc()
 
     def score(path):
-        meta, method = anomaly_model.load_feature_file(path)
-        detector._check_meta(path, meta)
+        meta, method = feature_file.load(path)
+        feature_file.check_meta(path, meta)
         scores, _ = method.score(method.features(maps), hostile.INPUT_SIZE)
         if not np.isfinite(scores).all():
             raise AssertionError('a loaded feature file gave scores that are not finite')

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 import anomaly_model
+import feature_file
 
 # A backbone of input 128 with outputs of stride 4..32, small enough to fit every method in milliseconds.
 SHAPES = [(4, 32, 32), (6, 16, 16), (8, 8, 8), (10, 4, 4)]
@@ -152,7 +153,7 @@ def fitted(name, seed=0):
 
 def feature_file_bytes(meta, method):
     buffer = io.BytesIO()
-    header = dict(meta, format=anomaly_model.FEATURE_FILE_FORMAT, version=anomaly_model.FEATURE_FILE_VERSION,
+    header = dict(meta, format=feature_file.FEATURE_FILE_FORMAT, version=feature_file.FEATURE_FILE_VERSION,
                   method=method.name, method_params=method.params)
     np.savez(buffer, meta=np.array(json.dumps(header)), **method.state())
     return buffer.getvalue()

@@ -8,7 +8,13 @@ from scipy.spatial.distance import mahalanobis
 from sklearn.covariance import LedoitWolf
 
 import anomaly_model
-from anomaly_model import FeatureFileError, MahalanobisAD, PixelGaussian
+import feature_file
+import feature_maps
+import holdout
+import nearest_neighbours
+import thresholds
+from anomaly_model import MahalanobisAD, PixelGaussian
+from errors import FeatureFileError
 from tests.conftest import Payload
 
 
@@ -34,10 +40,10 @@ def test_pixel_gaussian_matches_scipy_per_position():
     # two levels: 8x8 (pooled onto the 4x4 grid) and 4x4
     train_maps = [None, rng.standard_normal((30, 3, 8, 8)), rng.standard_normal((30, 2, 4, 4))]
     test_maps = [None, rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((2, 2, 4, 4))]
-    train_patches = anomaly_model.embed_patches(train_maps, [1, 2], 4)
+    train_patches = feature_maps.embed_patches(train_maps, [1, 2], 4)
     assert train_patches.shape == (30, 16, 5) and train_patches.dtype == np.float32
     model = PixelGaussian(regularization=0.01).fit(train_patches)
-    test_patches = anomaly_model.embed_patches(test_maps, [1, 2], 4)
+    test_patches = feature_maps.embed_patches(test_maps, [1, 2], 4)
     position, image = 5, 1  # row 1, column 1 of the grid
     pooled = test_maps[1][image, :, 2:4, 2:4].mean(axis=(1, 2))
     np.testing.assert_allclose(test_patches[image, position, :3], pooled, rtol=1e-5)
@@ -49,15 +55,15 @@ def test_pixel_gaussian_matches_scipy_per_position():
 
 def test_resample_bilinear_matches_opencv():
     maps = np.random.default_rng(8).standard_normal((2, 3, 7, 7)).astype(np.float32)
-    ours = anomaly_model.resample(maps, 14)
+    ours = feature_maps.resample(maps, 14)
     expected = np.stack([cv2.resize(m.transpose(1, 2, 0), (14, 14), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
                          for m in maps])
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
 def test_choose_pixel_levels_by_stride():
-    assert anomaly_model.choose_pixel_levels([112, 112, 56, 28, 14, 14, 7, 7, 7], 224) == [2, 3, 4, 5]
-    assert anomaly_model.choose_pixel_levels([1, 1, 1], 224) == []
+    assert feature_maps.choose_pixel_levels([112, 112, 56, 28, 14, 14, 7, 7, 7], 224) == [2, 3, 4, 5]
+    assert feature_maps.choose_pixel_levels([1, 1, 1], 224) == []
 
 
 @pytest.mark.parametrize('labels, scores, expected_f1, low, high', [
@@ -66,7 +72,7 @@ def test_choose_pixel_levels_by_stride():
     ([0, 1, 1, 1], [5, 1, 2, 3], 6 / 7, 0, 1),               # the normal scores highest
 ])
 def test_f1_optimal_threshold_constructed_cases(labels, scores, expected_f1, low, high):
-    threshold, f1 = anomaly_model.f1_optimal_threshold(np.array(labels, bool), np.array(scores, float))
+    threshold, f1 = thresholds.f1_optimal_threshold(np.array(labels, bool), np.array(scores, float))
     assert f1 == pytest.approx(expected_f1)
     assert low <= threshold <= high
     predicted = np.array(scores) >= threshold
@@ -76,7 +82,7 @@ def test_f1_optimal_threshold_constructed_cases(labels, scores, expected_f1, low
 
 def test_f1_optimal_threshold_needs_both_classes():
     with pytest.raises(ValueError, match='both normal and anomalous'):
-        anomaly_model.f1_optimal_threshold(np.zeros(4, bool), np.arange(4.0))
+        thresholds.f1_optimal_threshold(np.zeros(4, bool), np.arange(4.0))
 
 
 def pooled_only_method():
@@ -91,12 +97,12 @@ def test_holdout_scores_exclude_each_source_image_and_its_copies():
     groups = np.repeat(np.arange(20), 2)
     features['pooled0'][groups == 7] += 50  # an outlier source image, in two copies
     method = pooled_only_method()
-    scores, pixel_max = anomaly_model.holdout_scores(method, features, groups, 16, folds=5)
+    scores, pixel_max = holdout.holdout_scores(method, features, groups, 16, folds=5)
     assert pixel_max is None and scores.shape == (20,)  # one per source image: its first (plain) row
     in_sample = MahalanobisAD().fit([features['pooled0']]).score([features['pooled0']])
     assert scores[7] > in_sample[groups == 7].max()  # not fitted on itself
     assert scores[7] > 3 * np.delete(scores, 7).max()
-    np.testing.assert_array_equal(scores, anomaly_model.holdout_scores(method, features, groups, 16, folds=5)[0])
+    np.testing.assert_array_equal(scores, holdout.holdout_scores(method, features, groups, 16, folds=5)[0])
 
 
 def fitted_method():
@@ -111,10 +117,10 @@ def fitted_method():
 def test_feature_file_round_trip(tmp_path):
     meta, method, maps = fitted_method()
     path = str(tmp_path / 'train.pkl')
-    anomaly_model.save_feature_file(path, meta, method)
+    feature_file.save(path, meta, method)
     assert os.listdir(tmp_path) == ['train.pkl']  # no temporary file left behind
-    loaded_meta, loaded = anomaly_model.load_feature_file(path)
-    assert loaded_meta['backbone'] == 'x' and loaded_meta['version'] == anomaly_model.FEATURE_FILE_VERSION
+    loaded_meta, loaded = feature_file.load(path)
+    assert loaded_meta['backbone'] == 'x' and loaded_meta['version'] == feature_file.FEATURE_FILE_VERSION
     assert loaded.name == 'mahalanobis' and loaded.params == method.params
     features = method.features([m[:3] for m in maps])
     for a, b in zip(method.score(features, 32), loaded.score(features, 32)):
@@ -126,7 +132,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     path = tmp_path / 'train.pkl'
     path.write_bytes(pickle.dumps({'features': Payload(marker)}))
     with pytest.raises(FeatureFileError, match='pickles are never loaded'):
-        anomaly_model.load_feature_file(str(path))
+        feature_file.load(str(path))
     assert not marker.exists()
 
 
@@ -136,31 +142,31 @@ def test_pickle_inside_an_npz_is_refused_and_never_runs(tmp_path):
     with open(path, 'wb') as f:
         np.savez(f, meta=np.array([Payload(marker)], dtype=object))
     with pytest.raises(FeatureFileError, match='damaged feature file: member meta holds Python objects'):
-        anomaly_model.load_feature_file(path)
+        feature_file.load(path)
     assert not marker.exists()
 
 
 def test_feature_file_version_and_format_checked(tmp_path):
     meta, method, _ = fitted_method()
     path = str(tmp_path / 'f.pkl')
-    anomaly_model.save_feature_file(path, meta, method)
+    feature_file.save(path, meta, method)
     content = dict(np.load(path))
-    version = f'"version": {anomaly_model.FEATURE_FILE_VERSION}'
+    version = f'"version": {feature_file.FEATURE_FILE_VERSION}'
     content['meta'] = np.array(str(content['meta']).replace(version, '"version": 99'))
     with open(path, 'wb') as f:
         np.savez(f, **content)
     with pytest.raises(FeatureFileError, match='version 99'):
-        anomaly_model.load_feature_file(path)
+        feature_file.load(path)
     with pytest.raises(FeatureFileError, match='not found'):
-        anomaly_model.load_feature_file(str(tmp_path / 'none.pkl'))
+        feature_file.load(str(tmp_path / 'none.pkl'))
 
 
 def test_pooling_matrix_integer_and_fractional_factors():
     rng = np.random.default_rng(6)
     maps = rng.standard_normal((2, 3, 56, 56)).astype(np.float32)
-    pool = anomaly_model._pooling_matrix(56, 14)
+    pool = feature_maps._pooling_matrix(56, 14)
     np.testing.assert_allclose(pool.T @ maps @ pool, maps.reshape(2, 3, 14, 4, 14, 4).mean(axis=(3, 5)), atol=1e-6)
-    fractional = anomaly_model._pooling_matrix(65, 17)
+    fractional = feature_maps._pooling_matrix(65, 17)
     np.testing.assert_allclose(fractional.sum(axis=0), 1, rtol=1e-6)  # each cell is an average
     np.testing.assert_allclose(np.ones(65, np.float32) @ fractional, 1, rtol=1e-6)
     assert (fractional > 0).sum(axis=0).max() <= 5  # each cell covers about 65 / 17 pixels
@@ -219,18 +225,18 @@ def test_greedy_coreset_covers_every_cluster():
     rng = np.random.default_rng(12)
     centres = rng.uniform(-100, 100, (8, 5)).astype(np.float32)
     points = (centres.repeat(50, axis=0) + rng.standard_normal((400, 5))).astype(np.float32)
-    chosen = anomaly_model.greedy_coreset(points, 8, seed=0)
+    chosen = nearest_neighbours.greedy_coreset(points, 8, seed=0)
     assert len(set(chosen.tolist())) == 8
     assert sorted(np.unique(chosen // 50).tolist()) == list(range(8))  # one point from every cluster
-    covering = anomaly_model.nearest_distances(points, points[chosen])[0].max()
-    random_covering = anomaly_model.nearest_distances(points, points[rng.choice(400, 8, replace=False)])[0].max()
+    covering = nearest_neighbours.nearest_distances(points, points[chosen])[0].max()
+    random_covering = nearest_neighbours.nearest_distances(points, points[rng.choice(400, 8, replace=False)])[0].max()
     assert covering < 10 and covering <= random_covering  # within a cluster's radius
 
 
 def test_nearest_distances_match_brute_force():
     rng = np.random.default_rng(13)
     queries, bank = rng.standard_normal((50, 6)).astype(np.float32), rng.standard_normal((70, 6)).astype(np.float32)
-    distances, indices = anomaly_model.nearest_distances(queries, bank, chunk=16)
+    distances, indices = nearest_neighbours.nearest_distances(queries, bank, chunk=16)
     full = np.linalg.norm(queries[:, None] - bank[None], axis=2)
     np.testing.assert_array_equal(indices, full.argmin(axis=1))
     np.testing.assert_allclose(distances, full.min(axis=1), rtol=1e-4, atol=1e-4)
@@ -239,6 +245,6 @@ def test_nearest_distances_match_brute_force():
 def test_upsample_and_smooth_takes_more_maps_than_opencv_takes_channels():
     """A hold-out fold of hundreds of images (augmented fits) is smoothed in chunks OpenCV accepts."""
     grids = np.random.default_rng(0).random((300, 7, 7)).astype(np.float32)
-    smoothed = anomaly_model.upsample_and_smooth(grids, 32)
+    smoothed = feature_maps.upsample_and_smooth(grids, 32)
     assert smoothed.shape == (300, 32, 32)
-    np.testing.assert_allclose(smoothed[299], anomaly_model.upsample_and_smooth(grids[299:], 32)[0], rtol=1e-5)
+    np.testing.assert_allclose(smoothed[299], feature_maps.upsample_and_smooth(grids[299:], 32)[0], rtol=1e-5)

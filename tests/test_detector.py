@@ -42,9 +42,9 @@ def masks_of(paths):
 
 def test_import_has_no_side_effects():
     """Importing parses no arguments, starts no threads and opens no backbone."""
-    code = ('import sys, threading; sys.argv = ["x", "--bogus"]; import mahalanobisad, detector; '
+    code = ('import sys, threading; sys.argv = ["x", "--bogus"]; import mahalanobisad, model_utils; '
             'assert threading.active_count() == 1, threading.enumerate(); '
-            'assert detector._backbone.cache_info().currsize == 0; print("ok")')
+            'assert model_utils.open_backbone.cache_info().currsize == 0; print("ok")')
     result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr
 
@@ -156,8 +156,8 @@ def test_errors_are_the_tools_own(fitted, model_dir, tmp_path):
 
 
 def test_readme_python_example_runs(tmp_path, model_dir):
-    """The README's "Python API" example, as written, on the sample data."""
-    with open(os.path.join(REPO, 'README.md')) as f:
+    """The "Python API" example of docs/usage.md, as written, on the sample data."""
+    with open(os.path.join(REPO, 'docs', 'usage.md')) as f:
         readme = f.read()
     section = readme.split('## Python API', 1)[1]
     code = re.search(r'```python\n(.*?)```', section, re.S).group(1)

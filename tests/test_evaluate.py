@@ -93,7 +93,7 @@ def test_evaluate_outputs_and_determinism(dataset, tmp_path, model_dir):
 
 
 def test_unknown_category_is_a_one_line_error(dataset, capsys):
-    from mahalanobisad import run_cli
+    from cli import run_cli
     assert run_cli(evaluate.main, 'evaluate.py', ['--data_path', dataset, '--category', 'carpet']) == 1
     err = capsys.readouterr().err
     assert 'evaluate.py: error: no category carpet' in err and 'found: bottle, nogt' in err

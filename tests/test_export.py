@@ -15,8 +15,10 @@ import pytest
 
 import anomaly_model
 import export_onnx
+import feature_maps
 import image_utils
 import mahalanobisad
+import nearest_neighbours
 from detector import Detector
 from tests.conftest import REPO
 
@@ -48,7 +50,7 @@ def test_view_equals_opencv_pixel_for_pixel(height, width):
 def test_smoothing_matrix_equals_upsample_and_smooth():
     grids = np.random.default_rng(3).random((3, 14, 14)).astype(np.float32) * 10
     k = export_onnx.smoothing_matrix(14, 224)
-    np.testing.assert_allclose(k @ grids @ k.T, anomaly_model.upsample_and_smooth(grids, 224), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k @ grids @ k.T, feature_maps.upsample_and_smooth(grids, 224), rtol=1e-5, atol=1e-5)
 
 
 OPTIONS = {'padim_dims': 60, 'spade_k': 4, 'coreset_ratio': 0.2}
@@ -107,9 +109,9 @@ def test_exported_patchcore_searches_the_index_like_the_tool(fitted, tmp_path):
     lists): probing one list instead of 8 makes its answers far from the exact search, and the
     export must follow the index, not the exact search."""
     method = fitted['patchcore'].method_
-    assert len(method.centroids) > anomaly_model.IVF_PROBES
-    default_index = method.index
-    method.index = anomaly_model.NearestPatchIndex(method.bank, method.centroids, probes=1)
+    assert len(method.centroids_) > nearest_neighbours.IVF_PROBES
+    default_index = method.index_
+    method.index_ = nearest_neighbours.NearestPatchIndex(method.bank_, method.centroids_, probes=1)
     try:
         detector = fitted['patchcore']
         tool = list(detector.inspect(SAMPLE))
@@ -125,7 +127,7 @@ def test_exported_patchcore_searches_the_index_like_the_tool(fitted, tmp_path):
         maps = np.stack([t.anomaly_map for t in tool])
         np.testing.assert_allclose(out['anomaly_map'], maps, atol=1e-3 * np.abs(maps).max())
     finally:
-        method.index, method.exact_search = default_index, False
+        method.index_, method.exact_search = default_index, False
 
 
 def test_exported_patchcore_falls_back_to_the_exact_search_where_probed_lists_are_empty(fitted, tmp_path):
@@ -134,21 +136,21 @@ def test_exported_patchcore_falls_back_to_the_exact_search_where_probed_lists_ar
     exact nearest patch."""
     detector = fitted['patchcore']
     method = detector.method_
-    views = [detector._view(path)[0] for path in SAMPLE]
-    patches = method.features(detector.extractor(detector._tensors(views)))['patches']
+    views = [detector.preprocessing.view(path)[0] for path in SAMPLE]
+    patches = method.features(detector.extractor(detector.preprocessing.tensors(views)))['patches']
     queries = patches.reshape(-1, patches.shape[-1])
-    farthest = queries[np.argsort(-anomaly_model.nearest_distances(queries, method.bank)[0])[:4]]
-    default_index = method.index
-    method.index = anomaly_model.NearestPatchIndex(method.bank, np.concatenate([method.centroids, farthest]), probes=1)
+    farthest = queries[np.argsort(-nearest_neighbours.nearest_distances(queries, method.bank_)[0])[:4]]
+    default_index = method.index_
+    method.index_ = nearest_neighbours.NearestPatchIndex(method.bank_, np.concatenate([method.centroids_, farthest]), probes=1)
     try:
-        assert (np.bincount(method.index.row_lists(), minlength=len(method.index.centroids))[-4:] == 0).any()
-        assert (method.index.index.search(farthest, 1)[1] < 0).any()  # nothing found: the tool's fallback
+        assert (np.bincount(method.index_.row_lists(), minlength=len(method.index_.centroids))[-4:] == 0).any()
+        assert (method.index_.index.search(farthest, 1)[1] < 0).any()  # nothing found: the tool's fallback
         scores = np.array([t.score for t in detector.inspect(SAMPLE)])
         path = str(tmp_path / 'patchcore.onnx')
         detector.set_threshold(float(np.median(scores)), 'test').export(path)
         np.testing.assert_allclose(run_model(path, SAMPLE)['score'], scores, rtol=1e-4)
     finally:
-        method.index = default_index
+        method.index_ = default_index
 
 
 @pytest.fixture(scope='module')

@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+import holdout
+from thresholds import conformal_threshold
 import anomaly_model
 import evaluate
 import image_utils
@@ -21,25 +23,25 @@ DEFECTS = [os.path.join(REPO, 'images', name) for name in ('broken_large_000.png
 
 def test_conformal_threshold_is_the_exact_order_statistic():
     scores = np.random.default_rng(0).permutation(np.arange(1.0, 100.0))  # n = 99, shuffled
-    assert anomaly_model.conformal_threshold(scores, 0.1) == (90.0, True)    # k = ceil(100 * 0.9) = 90
-    assert anomaly_model.conformal_threshold(scores, 0.05) == (95.0, True)   # k = ceil(95) = 95
-    assert anomaly_model.conformal_threshold(scores, 0.011) == (99.0, True)  # k = ceil(98.9) = 99
-    assert anomaly_model.conformal_threshold(scores, 0.01) == (99.0, True)   # n = 1/0.01 - 1: just certifiable
-    assert anomaly_model.conformal_threshold(scores, 1 / 100) == (99.0, True)  # 1/(n + 1): the largest score
-    assert anomaly_model.conformal_threshold(scores, 0.5) == (50.0, True)
+    assert conformal_threshold(scores, 0.1) == (90.0, True)    # k = ceil(100 * 0.9) = 90
+    assert conformal_threshold(scores, 0.05) == (95.0, True)   # k = ceil(95) = 95
+    assert conformal_threshold(scores, 0.011) == (99.0, True)  # k = ceil(98.9) = 99
+    assert conformal_threshold(scores, 0.01) == (99.0, True)   # n = 1/0.01 - 1: just certifiable
+    assert conformal_threshold(scores, 1 / 100) == (99.0, True)  # 1/(n + 1): the largest score
+    assert conformal_threshold(scores, 0.5) == (50.0, True)
 
 
 def test_conformal_threshold_with_too_few_scores_is_the_largest_and_not_certified():
-    assert anomaly_model.conformal_threshold([3.0, 1.0, 2.0], 0.05) == (3.0, False)  # 3 < 1/0.05 - 1 = 19
-    assert anomaly_model.conformal_threshold(np.arange(18.0), 0.05) == (17.0, False)
-    assert anomaly_model.conformal_threshold(np.arange(19.0), 0.05) == (18.0, True)
+    assert conformal_threshold([3.0, 1.0, 2.0], 0.05) == (3.0, False)  # 3 < 1/0.05 - 1 = 19
+    assert conformal_threshold(np.arange(18.0), 0.05) == (17.0, False)
+    assert conformal_threshold(np.arange(19.0), 0.05) == (18.0, True)
 
 
 def test_conformal_threshold_keeps_its_false_positive_rate():
     """Exchangeable normal scores: a new one reaches the threshold with probability (n + 1 - k) / (n + 1)."""
     rng = np.random.default_rng(1)
     calibration, new = rng.standard_normal((20000, 39)), rng.standard_normal(20000)
-    thresholds = np.array([anomaly_model.conformal_threshold(row, 0.1)[0] for row in calibration])
+    thresholds = np.array([conformal_threshold(row, 0.1)[0] for row in calibration])
     rate = np.mean(new >= thresholds)                  # k = 36: exactly 4 / 40 = 0.1
     assert 0.09 < rate <= 0.1 + 3 * np.sqrt(0.1 * 0.9 / 20000)
 
@@ -51,9 +53,9 @@ def test_conformal_threshold_keeps_its_false_positive_rate():
 def test_robust_outliers_flags_only_the_far_upper_tail():
     rng = np.random.default_rng(2)
     normal = rng.standard_normal(200)
-    assert not anomaly_model.robust_outliers(normal).any()
+    assert not holdout.robust_outliers(normal).any()
     mixed = np.r_[normal, 10 + rng.standard_normal(20), [-15.0]]
-    flagged = anomaly_model.robust_outliers(mixed)
+    flagged = holdout.robust_outliers(mixed)
     assert flagged[200:220].all() and not flagged[:200].any() and not flagged[-1]  # low scores are never defects
 
 
@@ -72,27 +74,27 @@ def synthetic(n_normal=60, n_planted=6, copies=1, seed=3):
 @pytest.mark.parametrize('copies', [1, 3])
 def test_contamination_auto_finds_the_planted_outliers(copies):
     method, features, groups = synthetic(copies=copies)
-    kept, scores, maxima, excluded = anomaly_model.holdout_without_outliers(method, features, groups, 16, 'auto')
+    kept, scores, maxima, excluded = holdout.holdout_without_outliers(method, features, groups, 16, 'auto')
     assert sorted(group for group, _, _ in excluded) == list(range(60, 66))
     np.testing.assert_array_equal(kept, groups < 60)  # every copy of an excluded image goes
     assert scores.shape == (60,) and maxima is None
-    again = anomaly_model.holdout_without_outliers(method, features, groups, 16, 'auto')
+    again = holdout.holdout_without_outliers(method, features, groups, 16, 'auto')
     assert again[3] == excluded and np.array_equal(again[1], scores)  # deterministic
 
 
 def test_contamination_fraction_drops_that_share_and_none_drops_nothing():
     method, features, groups = synthetic()
-    kept, scores, _, excluded = anomaly_model.holdout_without_outliers(method, features, groups, 16, 0.1)
+    kept, scores, _, excluded = holdout.holdout_without_outliers(method, features, groups, 16, 0.1)
     assert len(excluded) == 7 and {60, 61, 62, 63, 64, 65} <= {group for group, _, _ in excluded}  # round(6.6)
     assert {round_ for _, _, round_ in excluded} <= {1, 2, 3} and kept.sum() == 66 - 7
-    kept, scores, _, excluded = anomaly_model.holdout_without_outliers(method, features, groups, 16, None)
+    kept, scores, _, excluded = holdout.holdout_without_outliers(method, features, groups, 16, None)
     assert kept.all() and excluded == []
-    np.testing.assert_array_equal(scores, anomaly_model.holdout_scores(method, features, groups, 16)[0])
+    np.testing.assert_array_equal(scores, holdout.holdout_scores(method, features, groups, 16)[0])
 
 
 def test_contamination_auto_on_clean_features_excludes_little():
     method, features, groups = synthetic(n_normal=100, n_planted=0)
-    excluded = anomaly_model.holdout_without_outliers(method, features, groups, 16, 'auto')[3]
+    excluded = holdout.holdout_without_outliers(method, features, groups, 16, 'auto')[3]
     assert len(excluded) <= 2
 
 

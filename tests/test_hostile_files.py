@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 import anomaly_model
+import feature_file
+import file_io
 import image_utils
-import model_utils
 import plot_utils
-from anomaly_model import FeatureFileError
+from errors import FeatureFileError
 from image_utils import ImageError
 from tests import hostile
 from tests.conftest import REPO
@@ -174,7 +175,7 @@ def test_every_method_declares_exactly_the_state_it_saves(name):
 def test_every_method_round_trips(tmp_path, name):
     meta, method = hostile.fitted(name)
     path = write(tmp_path / 'f.pkl', hostile.feature_file_bytes(meta, method))
-    _, loaded = anomaly_model.load_feature_file(path)
+    _, loaded = feature_file.load(path)
     maps = [np.random.default_rng(2).standard_normal((2,) + s).astype(np.float32) for s in hostile.SHAPES]
     np.testing.assert_array_equal(method.score(method.features(maps), 128)[0], loaded.score(loaded.features(maps), 128)[0])
 
@@ -212,7 +213,7 @@ def test_tampered_feature_file_is_one_damaged_line(tmp_path, case):
     change, message = TAMPERINGS[case]
     path = write(tmp_path / 'f.pkl', hostile.archive_bytes(change(tampered())))
     with pytest.raises(FeatureFileError, match='f.pkl: damaged feature file: ' + message) as error:
-        anomaly_model.load_feature_file(path)
+        feature_file.load(path)
     assert '\n' not in str(error.value)
 
 
@@ -229,7 +230,7 @@ def test_extra_member_bomb_is_refused_without_decompressing_it(tmp_path):
     assert os.path.getsize(path) < 1 << 20
     start = time.perf_counter()
     with pytest.raises(FeatureFileError, match='damaged feature file: unexpected members junk.npy'):
-        anomaly_model.load_feature_file(str(path))
+        feature_file.load(str(path))
     assert time.perf_counter() - start < 0.5
 
 
@@ -245,14 +246,14 @@ def test_member_whose_stored_size_disagrees_with_its_header_is_refused(tmp_path)
     implied = len(header.getvalue()) + arrays['pixel_mean'].nbytes
     with pytest.raises(FeatureFileError, match=f'member pixel_mean stores {len(short)} bytes, its header implies '
                                                f'{implied}'):
-        anomaly_model.load_feature_file(str(path))
+        feature_file.load(str(path))
 
 
 def test_feature_file_size_cap(tmp_path):
     meta, method = hostile.fitted('spade')
     path = write(tmp_path / 'f.pkl', hostile.feature_file_bytes(meta, method))
     with pytest.raises(FeatureFileError, match='damaged feature file: arrays of 0 MiB, above the limit'):
-        anomaly_model.load_feature_file(path, max_bytes=1000)
+        feature_file.load(path, max_bytes=1000)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,14 +280,14 @@ def test_names_that_are_not_utf8_are_read_and_shown_escaped(tmp_path):
 
 def test_long_names_are_shortened_deterministically_within_the_limit(tmp_path):
     for name in ('a' * 250 + '.png', '\u00e9' * 200 + '.png', os.fsdecode(b'\xff' * 300) + '.json'):
-        path = model_utils.fit_path(str(tmp_path / name))
+        path = file_io.fit_path(str(tmp_path / name))
         short = os.path.basename(path)
-        assert len(os.fsencode(short)) <= 255 and short == os.path.basename(model_utils.fit_path(str(tmp_path / name)))
+        assert len(os.fsencode(short)) <= 255 and short == os.path.basename(file_io.fit_path(str(tmp_path / name)))
         assert short.endswith(os.path.splitext(name)[1]) and short[:20] == name[:20]
-        model_utils.atomic_write_bytes(path, b'x')  # the temporary name fits too
-    assert model_utils.fit_path(str(tmp_path / 'short.png')) == str(tmp_path / 'short.png')
-    assert model_utils.shorten_name('b' * 300, 255) != model_utils.shorten_name('b' * 299 + 'c', 255)
-    model_utils.atomic_write_bytes(str(tmp_path / ('c' * 255)), b'x')  # the longest name the system allows
+        file_io.atomic_write_bytes(path, b'x')  # the temporary name fits too
+    assert file_io.fit_path(str(tmp_path / 'short.png')) == str(tmp_path / 'short.png')
+    assert file_io.shorten_name('b' * 300, 255) != file_io.shorten_name('b' * 299 + 'c', 255)
+    file_io.atomic_write_bytes(str(tmp_path / ('c' * 255)), b'x')  # the longest name the system allows
     assert 'c' * 255 in os.listdir(tmp_path) and len(os.listdir(tmp_path)) == 4  # no temporary file left
 
 
@@ -362,9 +363,9 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     previous = os.umask(umask)
     try:
         path = str(tmp_path / 'out.json')
-        model_utils.atomic_write_bytes(path, b'{}')
+        file_io.atomic_write_bytes(path, b'{}')
         meta, method = hostile.fitted('mahalanobis')
-        anomaly_model.save_feature_file(str(tmp_path / 'f.pkl'), meta, method)
+        feature_file.save(str(tmp_path / 'f.pkl'), meta, method)
         plot_utils.save_figure(str(tmp_path / 'fig.png'), np.zeros((16, 16, 3), np.uint8), None, None, 1.0, 2.0, None)
     finally:
         os.umask(previous)

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
-import detector as detector_module
+from thresholds import labelled_set_fingerprint
 import live
 import mahalanobisad
 import plot_utils
@@ -270,12 +270,12 @@ def test_fingerprint_follows_files_and_settings(tmp_path):
     a, b = tmp_path / 'a.png', tmp_path / 'b.png'
     shutil.copy(SAMPLE[0], a)
     shutil.copy(SAMPLE[1], b)
-    base = detector_module.labelled_set_fingerprint([str(a), str(b)], [None, None], rule='x')
-    assert base == detector_module.labelled_set_fingerprint([str(a), str(b)], None, rule='x')
-    assert base != detector_module.labelled_set_fingerprint([str(a)], None, rule='x')
-    assert base != detector_module.labelled_set_fingerprint([str(a), str(b)], None, rule='y')
+    base = labelled_set_fingerprint([str(a), str(b)], [None, None], rule='x')
+    assert base == labelled_set_fingerprint([str(a), str(b)], None, rule='x')
+    assert base != labelled_set_fingerprint([str(a)], None, rule='x')
+    assert base != labelled_set_fingerprint([str(a), str(b)], None, rule='y')
     os.utime(b, ns=(0, 0))
-    assert base['files'] != detector_module.labelled_set_fingerprint([str(a), str(b)], None, rule='x')['files']
+    assert base['files'] != labelled_set_fingerprint([str(a), str(b)], None, rule='x')['files']
 
 
 def test_benchmark_env_list_and_env_id(feat, model_dir, capsys):

@@ -5,7 +5,11 @@ import os
 import numpy as np
 
 import anomaly_model
-from anomaly_model import NearestPatchIndex, PatchCoreMethod
+import feature_file
+import holdout
+import nearest_neighbours
+from anomaly_model import PatchCoreMethod
+from nearest_neighbours import NearestPatchIndex
 from tests import hostile
 
 
@@ -22,7 +26,7 @@ def clustered_patches(rng, images=30, patches=100, dims=8, clusters=20):
 
 
 def coverage(points, bank):
-    distances = anomaly_model.nearest_distances(points, bank)[0]
+    distances = nearest_neighbours.nearest_distances(points, bank)[0]
     return distances.max(), distances.mean()
 
 
@@ -30,8 +34,8 @@ def test_chunked_coreset_covers_like_the_exact_greedy():
     rng = np.random.default_rng(20)
     patches, labels = clustered_patches(rng)
     flat = patches.reshape(-1, patches.shape[-1])
-    chunked = anomaly_model.chunked_coreset(patches, 0.05, chunk_patches=500, seed=0)
-    exact = anomaly_model.greedy_coreset(flat, len(chunked), seed=0)
+    chunked = nearest_neighbours.chunked_coreset(patches, 0.05, chunk_patches=500, seed=0)
+    exact = nearest_neighbours.greedy_coreset(flat, len(chunked), seed=0)
     assert len(set(chunked.tolist())) == len(chunked) == 150
     assert set(labels.ravel()[chunked]) == set(labels.ravel())  # every cluster, the rare ones too
     chunked_max, chunked_mean = coverage(flat, flat[chunked])
@@ -44,10 +48,10 @@ def test_chunked_coreset_covers_like_the_exact_greedy():
 def test_chunked_coreset_never_mixes_folds():
     rng = np.random.default_rng(21)
     patches, _ = clustered_patches(rng, images=20)
-    folds = anomaly_model.holdout_folds(np.arange(20), folds=4, seed=1)
-    chosen = anomaly_model.chunked_coreset(patches, 0.1, folds, chunk_patches=300, seed=2)
+    folds = holdout.holdout_folds(np.arange(20), folds=4, seed=1)
+    chosen = nearest_neighbours.chunked_coreset(patches, 0.1, folds, chunk_patches=300, seed=2)
     kept = folds != 2
-    alone = anomaly_model.chunked_coreset(patches[kept], 0.1, folds[kept], chunk_patches=300, seed=2)
+    alone = nearest_neighbours.chunked_coreset(patches[kept], 0.1, folds[kept], chunk_patches=300, seed=2)
     rows = np.flatnonzero(kept)
     carved = chosen[kept[chosen // 100]]  # the fit's bank without fold 2
     np.testing.assert_array_equal(carved, rows[alone // 100] * 100 + alone % 100)
@@ -57,7 +61,7 @@ def test_index_agrees_with_brute_force():
     rng = np.random.default_rng(22)
     patches, _ = clustered_patches(rng, images=60, patches=100, dims=16, clusters=40)
     bank = np.ascontiguousarray(patches[:50].reshape(-1, 16))
-    centroids = anomaly_model.ivf_centroids(bank, seed=0)
+    centroids = nearest_neighbours.ivf_centroids(bank, seed=0)
     assert centroids.shape == (128, 16) and centroids.dtype == np.float32  # min(2 sqrt(5000), 5000 / 39) lists
     index = NearestPatchIndex(bank, centroids)
     # Near copies of bank rows (as most test patches are): always their own row.
@@ -68,7 +72,7 @@ def test_index_agrees_with_brute_force():
     # fewer than 1 in 10,000 differ: benchmarks/patchcore_scale.py): close to brute force.
     queries = patches[50:].reshape(-1, 16) + rng.standard_normal((1000, 16)).astype(np.float32)
     distances, indices = index.search(queries)
-    exact_distances, exact_indices = anomaly_model.nearest_distances(queries, bank)
+    exact_distances, exact_indices = nearest_neighbours.nearest_distances(queries, bank)
     brute = np.linalg.norm(queries[:, None] - bank[None], axis=2)
     np.testing.assert_array_equal(exact_indices, brute.argmin(axis=1))
     assert np.mean(indices == exact_indices) >= 0.85
@@ -76,7 +80,7 @@ def test_index_agrees_with_brute_force():
     np.testing.assert_allclose(distances, np.linalg.norm(queries - bank[indices], axis=1), rtol=1e-5)
     assert np.all(distances >= brute.min(axis=1) - 1e-3)  # never nearer than the true nearest
     np.testing.assert_array_equal(index.search(queries, exact=True)[1], exact_indices)
-    assert NearestPatchIndex(bank[:300], anomaly_model.ivf_centroids(bank[:300])).index is None  # small: exact
+    assert NearestPatchIndex(bank[:300], nearest_neighbours.ivf_centroids(bank[:300])).index is None  # small: exact
 
 
 def fitted_patchcore(seed=0, images=40):
@@ -85,40 +89,40 @@ def fitted_patchcore(seed=0, images=40):
     method.configure(hostile.SHAPES, hostile.INPUT_SIZE)
     features = {'patches': clustered_patches(rng, images=images, patches=256, dims=14)[0][:, :256]}
     groups = np.arange(images)
-    return method.fit(features, anomaly_model.holdout_folds(groups, seed=seed)), features, groups
+    return method.fit(features, holdout.holdout_folds(groups, seed=seed)), features, groups
 
 
 def test_patchcore_is_deterministic_under_a_seed():
     first, second, other = fitted_patchcore(0)[0], fitted_patchcore(0)[0], fitted_patchcore(1)[0]
-    assert len(first.centroids) > 0  # the index is in use
+    assert len(first.centroids_) > 0  # the index is in use
     for key, value in first.state().items():
         np.testing.assert_array_equal(value, second.state()[key])
-    assert not np.array_equal(first.bank, other.bank)
+    assert not np.array_equal(first.bank_, other.bank_)
 
 
 def test_holdout_models_are_carved_out_of_the_fit():
     method, features, groups = fitted_patchcore()
-    folds = anomaly_model.holdout_folds(groups)
+    folds = holdout.holdout_folds(groups)
     kept = folds != 1
     carved = method.holdout_model(features, kept)
     refitted = PatchCoreMethod(**method.params).fit(anomaly_model.select_features(features, kept), folds[kept])
-    np.testing.assert_array_equal(carved.bank, refitted.bank)
-    other_folds = anomaly_model.holdout_folds(groups, seed=5)  # not the fit's folds: refitted instead
-    np.testing.assert_array_equal(method.holdout_model(features, other_folds != 0).bank,
+    np.testing.assert_array_equal(carved.bank_, refitted.bank_)
+    other_folds = holdout.holdout_folds(groups, seed=5)  # not the fit's folds: refitted instead
+    np.testing.assert_array_equal(method.holdout_model(features, other_folds != 0).bank_,
                                   PatchCoreMethod(**method.params).fit(
-                                      anomaly_model.select_features(features, other_folds != 0)).bank)
-    scores, pixel_max = anomaly_model.holdout_scores(method, features, groups, 64)
+                                      anomaly_model.select_features(features, other_folds != 0)).bank_)
+    scores, pixel_max = holdout.holdout_scores(method, features, groups, 64)
     assert scores.shape == (40,) and np.isfinite(scores).all() and (pixel_max > 0).all()
 
 
 def test_feature_file_round_trip_with_an_index(tmp_path):
     method, features, _ = fitted_patchcore()
     path = str(tmp_path / 'patchcore.pkl')
-    anomaly_model.save_feature_file(path, {'backbone': 'x'}, method)
+    feature_file.save(path, {'backbone': 'x'}, method)
     with np.load(path, allow_pickle=False) as archive:  # plain numeric arrays only
         assert archive['bank_centroids'].dtype == np.float32 and archive['memory_bank'].dtype == np.float32
-    _, loaded = anomaly_model.load_feature_file(path)
-    assert loaded.index.index is not None
+    _, loaded = feature_file.load(path)
+    assert loaded.index_.index is not None
     test = {'patches': features['patches'][:5] + 0.5}
     for a, b in zip(method.score(test, 64), loaded.score(test, 64)):
         np.testing.assert_array_equal(a, b)

@@ -1,4 +1,4 @@
-// Score 8-bit PNG images with a model exported by `mahalanobisad.py --export` (README: "Deploying").
+// Score 8-bit PNG images with a model exported by `mahalanobisad.py --export` (docs/deploying.md).
 //   npm install --ignore-scripts        (once, in this folder)
 //   node score.js MODEL.onnx IMAGE.png [IMAGE.png ...]
 // Prints one JSON line per image: {"path", "score", "anomaly", "map_max"}. Each image must have the
