@@ -23,6 +23,7 @@ import numpy as np
 from scipy.ndimage import uniform_filter
 from sklearn.covariance import LedoitWolf
 
+import leave_out
 from errors import FeatureFileError, MethodError
 from feature_maps import embed_patches, patch_grid, pool_features, upsample_and_smooth
 from nearest_neighbours import (NearestPatchIndex, chunked_coreset, ivf_centroids, nearest_distances,
@@ -90,6 +91,14 @@ class PixelGaussian:
         self.precision_ = np.linalg.inv(covariance).astype(np.float32)
         return self
 
+    def leave_out_distances(self, patches, groups, chunk=16):
+        """patches (N, P, D) of the N training rows this Gaussian was fitted on -> (G, P) each image's
+        distances under the Gaussians fitted without it (leave_out.regularized_distances), positions in
+        chunks to bound memory."""
+        by_position = np.asarray(patches).transpose(1, 0, 2)
+        return np.concatenate([leave_out.regularized_distances(by_position[p:p + chunk], groups, self.regularization)
+                               for p in range(0, len(by_position), chunk)]).T
+
     def distances(self, patches):
         """(N, P, D) -> (N, P) Mahalanobis distance of each patch to its position's Gaussian."""
         centred = patches.transpose(1, 0, 2) - self.mean_[:, None, :]
@@ -130,10 +139,9 @@ class AnomalyMethod:
     configure(shapes, input_size): choose levels for this backbone from its outputs' (C, h, w)
     shapes and the input side (raises MethodError if none fit).
     features(feature_maps) -> {name: (N, ...) array}: what the method keeps of a batch.
-    fit(features, folds=None): estimate the state from training features; folds (N,) int: the
-    hold-out fold of each row (holdout_folds), which a method may align its work with.
-    holdout_model(features, kept): the method fitted on the rows `kept` (N,) bool only.
+    fit(features): estimate the state from training features.
     score(features, output_size) -> (image scores (N,), anomaly maps (N, S, S) float32 or None).
+    holdout_scores(features, groups, output_size): the held-out scores of the training images (below).
     `params` rebuilds the configured method, `state()` / `load_state()` hold the fitted arrays.
     options: the Options a user sets; fixed_params: the other params, set here; seeded: whether the
     params hold the detector's seed. screened_by: the method whose held-out scores find defective
@@ -171,14 +179,17 @@ class AnomalyMethod:
         file checks a file against this before reading any array."""
         raise NotImplementedError
 
-    def holdout_model(self, features, kept):
-        """A model fitted without the rows not `kept` (the hold-out); PatchCore carves it out of its fit."""
-        return type(self)(**self.params).fit(select_features(features, kept))
+    def holdout_scores(self, features, groups, output_size):
+        """Each training image scored by this method as fitted on all the other images: leave one image
+        out, exactly, without refitting (leave_out for the Gaussians; the image's own rows left out of the
+        nearest-neighbour search for SPADE and PatchCore).
 
-    def holdout_source(self, features, folds):
-        """What to take the hold-out models of training rows `features` split into `folds` from (see
-        holdout_scores): this method as it is, whose holdout_model fits each one afresh."""
-        return self
+        features, groups (N,): the rows this method was fitted on and the image each comes from (an
+        image's augmented copies are left out with it); only each image's first row, its plain view (the
+        view a new image is scored as), is scored. -> (image scores (G,), the largest value of each
+        held-out map (G,) or None for a method without maps), in np.unique(groups) order.
+        """
+        raise NotImplementedError
 
     def _channels(self, levels):
         """Channels of the feature maps at `levels` (validated), summed."""
@@ -200,6 +211,19 @@ class AnomalyMethod:
 
     def _grid(self):
         return self._param('grid', lambda g: _is_int(g) and 0 < g <= 1024, 'a grid side in 1..1024')
+
+
+def first_rows(groups):
+    """Index of the first row of each source image, in the order of np.unique(groups) (the plain,
+    unaugmented view: the fit lists it before its augmented copies)."""
+    return np.unique(groups, return_index=True)[1]
+
+
+def _map_maxima(distances, grid, output_size, chunk=64):
+    """Patch distances (G, P) -> the largest value of each image's smoothed map (G,), in chunks (bounded memory)."""
+    return np.concatenate([upsample_and_smooth(distances[i:i + chunk].reshape(-1, grid, grid), output_size)
+                           .reshape(-1, output_size * output_size).max(axis=1)
+                           for i in range(0, len(distances), chunk)])
 
 
 def _is_int(value):
@@ -234,7 +258,7 @@ class MahalanobisMethod(AnomalyMethod):
             out['patches'] = embed_patches(feature_maps, self.params['pixel_levels'], self.params['grid'])
         return out
 
-    def fit(self, features, folds=None):
+    def fit(self, features):
         self.image_model_ = MahalanobisAD().fit([features[f'pooled{l}'] for l in self.params['image_levels']])
         self.pixel_model_ = PixelGaussian().fit(features['patches']) if self.localizes else None
         return self
@@ -246,6 +270,14 @@ class MahalanobisMethod(AnomalyMethod):
         grid = self.params['grid']
         return scores, upsample_and_smooth(self.pixel_model_.distances(features['patches']).reshape(-1, grid, grid),
                                            output_size)
+
+    def holdout_scores(self, features, groups, output_size):
+        scores = sum(leave_out.ledoit_wolf_distances(features[f'pooled{l}'], groups)
+                     for l in self.params['image_levels'])
+        if self.pixel_model_ is None:
+            return scores, None
+        patches = self.pixel_model_.leave_out_distances(features['patches'], groups)
+        return scores, _map_maxima(patches, self.params['grid'], output_size)
 
     def state(self):
         arrays = {}
@@ -298,9 +330,14 @@ class PadimMethod(AnomalyMethod):
         patches = embed_patches(feature_maps, self.params['levels'], self.params['grid'])
         return {'patches': np.ascontiguousarray(patches[..., self.params['channels']])}
 
-    def fit(self, features, folds=None):
+    def fit(self, features):
         self.gaussian_ = PixelGaussian().fit(features['patches'])
         return self
+
+    def holdout_scores(self, features, groups, output_size):
+        maxima = _map_maxima(self.gaussian_.leave_out_distances(features['patches'], groups), self.params['grid'],
+                             output_size)
+        return maxima, maxima  # the image score is the map's maximum
 
     def score(self, features, output_size):
         grid = self.params['grid']
@@ -338,21 +375,36 @@ class SpadeMethod(AnomalyMethod):
         return {'pooled': pool_features([feature_maps[self.params['image_level']]])[0],
                 'patches': embed_patches(feature_maps, self.params['levels'], self.params['grid'])}
 
-    def fit(self, features, folds=None):
+    def fit(self, features):
         self.train_pooled_, self.train_patches_ = features['pooled'], features['patches']
         return self
 
     def score(self, features, output_size):
-        k = min(self.params['k'], len(self.train_pooled_))
-        distances = np.sqrt(np.maximum(squared_distances(features['pooled'], self.train_pooled_), 0))
+        scores, distances = self._nearest(features['pooled'], features['patches'])
+        grid = self.params['grid']
+        return scores, upsample_and_smooth(distances.reshape(-1, grid, grid), output_size)
+
+    def holdout_scores(self, features, groups, output_size):
+        plain = first_rows(groups)
+        own = groups[plain][:, None] == groups[None, :]  # each held-out image's own rows, left out
+        scores, distances = self._nearest(features['pooled'][plain], features['patches'][plain], own)
+        return scores, _map_maxima(distances, self.params['grid'], output_size)
+
+    def _nearest(self, pooled, patches, excluded=None):
+        """(image scores (Q,), patch distances (Q, P)) of Q images: the mean distance to the k nearest
+        training rows by pooled features, and each patch's distance to the nearest patch of those rows.
+        excluded (Q, N) bool: training rows a query may not use."""
+        distances = np.sqrt(np.maximum(squared_distances(pooled, self.train_pooled_), 0))
+        if excluded is not None:
+            distances[excluded] = np.inf
+        k = min(self.params['k'], int(np.isfinite(distances).sum(axis=1).min()))
         nearest = np.argpartition(distances, k - 1, axis=1)[:, :k]
         scores = np.take_along_axis(distances, nearest, axis=1).mean(axis=1)
-        # Each test image has its own gallery (the patches of its k nearest training images), so the
-        # pixel search runs per image, each one a chunked matrix product.
-        grid, d = self.params['grid'], self.train_patches_.shape[-1]
-        grids = np.stack([nearest_distances(patches, self.train_patches_[gallery].reshape(-1, d))[0]
-                          for patches, gallery in zip(features['patches'], nearest)])
-        return scores, upsample_and_smooth(grids.reshape(-1, grid, grid), output_size)
+        # Each image has its own gallery (the patches of its k nearest training rows), so the pixel
+        # search runs per image, each one a chunked matrix product.
+        d = self.train_patches_.shape[-1]
+        return scores, np.stack([nearest_distances(query, self.train_patches_[gallery].reshape(-1, d))[0]
+                                 for query, gallery in zip(patches, nearest)])
 
     def state(self):
         return {'train_pooled': self.train_pooled_, 'train_patches': self.train_patches_}
@@ -383,7 +435,7 @@ class PatchCoreMethod(AnomalyMethod):
     seeded = True
     localizes = True
     exact_search = False
-    fit_folds_ = bank_rows_ = None  # set by fit, not stored: they serve the hold-out only
+    bank_rows_ = None  # set by fit, not stored: it serves the hold-out only
 
     def configure(self, shapes, input_size):
         super().configure(shapes, input_size)
@@ -402,13 +454,12 @@ class PatchCoreMethod(AnomalyMethod):
                       for l in self.params['levels']}
         return {'patches': embed_patches(aggregated, self.params['levels'], self.params['grid'])}
 
-    def fit(self, features, folds=None):
+    def fit(self, features):
         patches = features['patches']
-        chosen = chunked_coreset(patches, self.params['coreset_ratio'], folds,
-                                 projection_dims=self.params['projection_dims'], seed=self.params['seed'])
+        chosen = chunked_coreset(patches, self.params['coreset_ratio'], projection_dims=self.params['projection_dims'],
+                                 seed=self.params['seed'])
         bank = np.ascontiguousarray(patches.reshape(-1, patches.shape[-1])[chosen])
-        # The bank row's source row and its fold: hold-out models are this bank without a fold.
-        self.bank_rows_, self.fit_folds_ = chosen // patches.shape[1], folds
+        self.bank_rows_ = chosen // patches.shape[1]  # each bank row's training row, for the hold-out
         return self.set_bank(bank, ivf_centroids(bank, self.params['seed']))
 
     def set_bank(self, bank, centroids):
@@ -416,36 +467,39 @@ class PatchCoreMethod(AnomalyMethod):
         self.index_ = NearestPatchIndex(bank, centroids)
         return self
 
-    def holdout_source(self, features, folds):
-        # One fit with the folds, each hold-out model carved out of it: one coreset, not one per fold.
-        return type(self)(**self.params).fit(features, folds)
-
-    def holdout_model(self, features, kept):
-        # Chunks never straddle the fit's folds: without whole folds, the fit is a subset of this one.
-        folds = self.fit_folds_
-        if folds is None or not np.array_equal(kept, np.isin(folds, folds[kept])):
-            return super().holdout_model(features, kept)
-        model = type(self)(**self.params)
-        keep = kept[self.bank_rows_]
-        return model.set_bank(np.ascontiguousarray(self.bank_[keep]), self.centroids_)
-
     def score(self, features, output_size):
-        n, p, d = features['patches'].shape
-        distances, indices = self.index_.search(features['patches'].reshape(-1, d), exact=self.exact_search)
+        scores, distances = self._nearest(features['patches'])
+        grid = self.params['grid']
+        return scores, upsample_and_smooth(distances.reshape(-1, grid, grid), output_size)
+
+    def holdout_scores(self, features, groups, output_size):
+        # Each image searched against the bank without its own patches (a new image's are not in it either).
+        bank_groups = groups[self.bank_rows_]
+        scores, distances = zip(*(self._nearest(features['patches'][row:row + 1], np.flatnonzero(bank_groups == group))
+                                  for group, row in zip(groups[first_rows(groups)], first_rows(groups))))
+        distances = np.concatenate(distances)
+        return np.concatenate(scores), _map_maxima(distances, self.params['grid'], output_size)
+
+    def _nearest(self, patches, excluded=None):
+        """patches (Q, P, D) -> (image scores (Q,), each patch's distance to the bank (Q, P)); excluded:
+        bank rows left out of both the search and the re-weighting."""
+        n, p, d = patches.shape
+        distances, indices = self.index_.search(patches.reshape(-1, d), exact=self.exact_search, excluded=excluded)
         distances, indices = distances.reshape(n, p), indices.reshape(n, p)
         # Re-weighting (PatchCore eq. 7): the most anomalous patch's score counts less when its
         # nearest bank patch lies in a dense region of the bank, where the distance is less telling.
         worst = distances.argmax(axis=1)
-        worst_patch = features['patches'][np.arange(n), worst]
+        worst_patch = patches[np.arange(n), worst]
         worst_distance = distances[np.arange(n), worst]
         anchor = self.bank_[indices[np.arange(n), worst]]
-        b = min(self.params['neighbours'], len(self.bank_))
         to_bank = squared_distances(anchor, self.bank_)  # order only: no square root needed
+        if excluded is not None:
+            to_bank[:, excluded] = np.inf
+        b = min(self.params['neighbours'], len(self.bank_) - (0 if excluded is None else len(excluded)))
         neighbourhood = self.bank_[np.argpartition(to_bank, b - 1, axis=1)[:, :b]]       # (n, b, d)
         spread = np.linalg.norm(neighbourhood - worst_patch[:, None], axis=2)            # (n, b)
         weight = 1 - 1 / np.exp(spread - worst_distance[:, None]).sum(axis=1)           # stable softmax
-        grid = self.params['grid']
-        return weight * worst_distance, upsample_and_smooth(distances.reshape(-1, grid, grid), output_size)
+        return weight * worst_distance, distances
 
     def state(self):
         return {'memory_bank': self.bank_, 'bank_centroids': self.centroids_}

@@ -226,8 +226,8 @@ class Detector:
         """Fit the method on good images (plus aug_num augmented views of each) -> self.
 
         Unreadable images are skipped with a warning; at least 2 must be readable. Also computes
-        held-out scores of the training images (k-fold, holdout.holdout_scores) and sets the
-        thresholds from them. With `contamination`, the images whose held-out scores are outliers are
+        held-out scores of the training images (each under the method fitted without it:
+        holdout.holdout_scores) and sets the thresholds from them. With `contamination`, the images whose held-out scores are outliers are
         left out (holdout.holdout_without_outliers: a few rounds of refit and rescore; the scores of
         method.screened_by where it names another method, PaDiM's for mahalanobis), logged and
         recorded in meta_['excluded_train_images']. source: what the images are (the CLI passes the
@@ -247,13 +247,14 @@ class Detector:
         n_images = len(training.names)
         if n_images < 2:
             raise UsageError(f'need at least 2 readable training images, found {n_images}')
-        kept, excluded, held_out = self._leave_out_defective(training, method)
+        kept, excluded, screened = self._leave_out_defective(training, method)
         features, groups = anomaly_model.select_features(training.features, kept), training.groups[kept]
         logger.info('fitting %s on %d views of %d images', method.name, len(groups), n_images - len(excluded))
-        # Fitted with the hold-out folds, so a method can carve its hold-out models out of this fit.
-        method.fit(features, folds=holdout.holdout_folds(groups, seed=self.seed))
-        held_out = held_out or holdout.HoldoutScores(*holdout.holdout_scores(method, features, groups,
-                                                                             self.spec.input_size, seed=self.seed))
+        if screened:  # the screening's last round fitted exactly this and scored its hold-out
+            method, held_out = screened
+        else:
+            method.fit(features)
+            held_out = holdout.HoldoutScores(*holdout.holdout_scores(method, features, groups, self.spec.input_size))
         self.method_ = method
         self.meta_ = dict(self.settings(), model=self.model, train_dir=source, n_train_images=n_images - len(excluded),
                           bit_depth=self.bit_depth_, **held_out.to_meta(),
@@ -302,8 +303,8 @@ class Detector:
 
     def _leave_out_defective(self, training, method):
         """Under `contamination`, the training images whose held-out scores are outliers ->
-        (kept (N,) bool over views, excluded [(group, score, round)], the held-out scores of the kept
-        images where the screening method is the method itself, else None)."""
+        (kept (N,) bool over views, excluded [(group, score, round)], and where the screening method is
+        the method itself, (it fitted on the kept views, their holdout.HoldoutScores), else None)."""
         kept = np.ones(len(training.groups), bool)
         if self.contamination is None:
             return kept, [], None
@@ -312,15 +313,14 @@ class Detector:
                     self.contamination, screen.name)
         screen_features, screen_groups = ((training.features, training.groups) if screen is method else
                                           (training.screen_features, training.groups[training.plain]))
-        screen_kept, scores, maxima, excluded = holdout.holdout_without_outliers(
-            screen, screen_features, screen_groups, self.spec.input_size, self.contamination, seed=self.seed)
+        screen_kept, scores, maxima, excluded, fitted = holdout.holdout_without_outliers(
+            screen, screen_features, screen_groups, self.spec.input_size, self.contamination)
         for group, score, round_ in excluded:
             logger.warning('excluded training image (held-out %s score %.3f, round %d): %s',
                            screen.name, score, round_, training.names[group])
         logger.info('excluded %d of %d training images', len(excluded), len(training.names))
-        # The screening method's last round scored the hold-out of exactly the fit that follows.
-        held_out = holdout.HoldoutScores(scores, maxima) if screen is method else None
-        return np.isin(training.groups, screen_groups[screen_kept]), excluded, held_out
+        screened = (fitted, holdout.HoldoutScores(scores, maxima)) if screen is method else None
+        return np.isin(training.groups, screen_groups[screen_kept]), excluded, screened
 
     def _screening_method(self, method, feature_maps):
         """The method (configured) whose held-out scores find defective training images under

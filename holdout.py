@@ -11,7 +11,6 @@ import numpy as np
 from anomaly_model import select_features
 from thresholds import open_fraction
 
-HOLDOUT_FOLDS = 5
 ROBUST_Z_CUT = 3.5
 CONTAMINATION_ROUNDS = 3
 
@@ -47,39 +46,16 @@ def check_contamination(contamination):
                          f"contamination must be 'auto' or a fraction in (0, 0.5), got {contamination!r}")
 
 
-def holdout_folds(groups, folds=HOLDOUT_FOLDS, seed=0):
-    """(N,) int hold-out fold of each row: source images dealt at random into `folds` folds, and
-    each row in its source image's fold. groups: (N,) source image of each row."""
-    unique = np.unique(groups)
-    fold_of_group = np.random.default_rng(seed).permutation(len(unique)) % min(folds, len(unique))
-    return fold_of_group[np.searchsorted(unique, groups)]
+def holdout_scores(method, features, groups, output_size):
+    """Scores of the training images under the method fitted without them (leave one image out:
+    AnomalyMethod.holdout_scores) -> (image scores (n_images,), the largest value of each image's
+    held-out map (n_images,) or None for a method without maps), in np.unique(groups) order.
 
-
-def holdout_scores(method, features, groups, output_size, folds=HOLDOUT_FOLDS, seed=0):
-    """Scores of the training images from models fitted without them (k-fold over source images).
-
-    In-sample scores are biased low; these are what a new normal image would get. features: the
-    method's training features; groups: (N,) source image of each row (augmented copies share their
-    source's group, so none leaks into its own fit). Only each image's plain view (its first row,
-    first_rows) is scored: that is the view a new image is scored as, and its augmented copies
-    would multiply the cost. A method fitted with the same folds (holdout_folds(groups, folds, seed))
-    can carve its hold-out models out of that fit (PatchCore).
-    Returns (image scores (n_images,), the largest pixel score of each image's held-out map
-    (n_images,), or None for a method without maps), in np.unique(groups) order.
+    In-sample scores are biased low; these are what a new normal image would get. `method` is fitted on
+    `features`, whose rows come from the images `groups` (N,) (an image's augmented copies share its
+    group and are left out with it); each image's plain view is the one scored.
     """
-    fold = holdout_folds(groups, folds, seed)
-    plain = first_rows(groups)
-    image_scores, pixel_maxima = np.empty(len(plain)), np.empty(len(plain))
-    for k in np.unique(fold):
-        held = fold[plain] == k
-        model = method.holdout_model(features, fold != k)
-        image_scores[held], maps = model.score(select_features(features, plain[held]), output_size)
-        if maps is None:
-            pixel_maxima = None
-        else:
-            pixel_maxima[held] = maps.reshape(len(maps), -1).max(axis=1)
-    return image_scores, pixel_maxima
-
+    return method.holdout_scores(features, groups, output_size)
 
 
 def robust_outliers(scores, cut=ROBUST_Z_CUT):
@@ -98,23 +74,18 @@ def robust_outliers(scores, cut=ROBUST_Z_CUT):
     return 0.6745 * (scores - median) / mad > cut
 
 
-def first_rows(groups):
-    """Index of the first row of each source image, in the order of np.unique(groups) (the plain,
-    unaugmented view: the fit lists it before its augmented copies)."""
-    return np.unique(groups, return_index=True)[1]
-
-
-def holdout_without_outliers(method, features, groups, output_size, contamination=None, seed=0,
+def holdout_without_outliers(method, features, groups, output_size, contamination=None,
                              rounds=CONTAMINATION_ROUNDS):
     """Held-out scores of the training images, after leaving out those that look defective.
 
-    Each round computes held-out (k-fold) scores of the images still kept, one per source image (its
-    plain view), and drops the outliers; the next round refits without them, so defects that the
-    first fits had absorbed stand out. contamination: None (drop nothing), 'auto' (`robust_outliers`,
+    Each round fits `method` (configured, unfitted) on the images still kept, computes their held-out
+    scores (holdout_scores) and drops the outliers; the next round refits without them, so defects that
+    the first fits had absorbed stand out. contamination: None (drop nothing), 'auto' (`robust_outliers`,
     until a round finds none; never more than half the images) or a fraction in (0, 0.5): that share
     of the images, the highest scored, dropped over the rounds in equal parts.
     Returns (kept: (N,) bool over rows, image scores (n_kept,), pixel maxima (n_kept,) or None, both
-    in np.unique(groups[kept]) order, excluded: [(group, held-out score, round)] in exclusion order).
+    in np.unique(groups[kept]) order, excluded: [(group, held-out score, round)] in exclusion order,
+    the method fitted on the kept rows).
     """
     kept, excluded = np.ones(len(groups), bool), []
     n_images = len(np.unique(groups))
@@ -123,8 +94,8 @@ def holdout_without_outliers(method, features, groups, output_size, contaminatio
         rounds = min(rounds, target)
     for round_ in range(1, rounds + 2):
         kept_features, kept_groups = select_features(features, kept), groups[kept]
-        source = method.holdout_source(kept_features, holdout_folds(kept_groups, seed=seed))
-        image_scores, pixel_maxima = holdout_scores(source, kept_features, kept_groups, output_size, seed=seed)
+        model = type(method)(**method.params).fit(kept_features)
+        image_scores, pixel_maxima = holdout_scores(model, kept_features, kept_groups, output_size)
         image_groups = np.unique(kept_groups)
         if contamination is None or round_ > rounds:
             break
@@ -138,5 +109,5 @@ def holdout_without_outliers(method, features, groups, output_size, contaminatio
             break
         excluded += [(int(image_groups[i]), float(image_scores[i]), round_) for i in flagged]
         kept &= ~np.isin(groups, image_groups[flagged])
-    return kept, image_scores, pixel_maxima, excluded
+    return kept, image_scores, pixel_maxima, excluded, model
 

@@ -79,35 +79,29 @@ def greedy_coreset(points, count, projection_dims=128, seed=0):
     return farthest_first(points if projection is None else points @ projection, count, rng.integers(len(points)))
 
 
-def chunked_coreset(patches, ratio, folds=None, chunk_patches=CORESET_CHUNK_PATCHES, projection_dims=128, seed=0):
+def chunked_coreset(patches, ratio, chunk_patches=CORESET_CHUNK_PATCHES, projection_dims=128, seed=0):
     """Flat indices into patches.reshape(-1, D) of about ratio x N x P patches: greedy k-centre over
-    chunks of consecutive rows (images) of the same fold, each chunk starting from what the
-    previous chunk of its fold chose, merged.
+    chunks of consecutive rows (images), each chunk starting from what the previous chunk chose, merged.
 
-    patches (N, P, D) float32; folds (N,) int or None (one fold). The exact greedy costs (patches x
-    bank), quadratic in the training set; chunks of at most `chunk_patches` patches make it linear,
-    and starting from the previous chunk's choice spends a chunk's share of the bank on what that
-    choice does not already cover (measured in benchmarks/patchcore_scale.py --coverage). Chunks
-    never straddle folds, so the bank of a fit without fold k is this bank without fold k's chunks.
+    patches (N, P, D) float32. The exact greedy costs (patches x bank), quadratic in the training set;
+    chunks of at most `chunk_patches` patches make it linear, and starting from the previous chunk's
+    choice spends a chunk's share of the bank on what that choice does not already cover (measured in
+    benchmarks/patchcore_scale.py --coverage).
     """
     n, p, d = patches.shape
-    folds = np.zeros(n, np.int64) if folds is None else np.asarray(folds)
     rng = np.random.default_rng(seed)
     projection = random_projection(d, projection_dims, rng)
     rows_per_chunk = max(1, chunk_patches // p)
-    chosen = []
-    for fold in np.unique(folds):
-        rows = np.flatnonzero(folds == fold)
-        previous = None  # the projected points the previous chunk of this fold chose
-        for start in range(0, len(rows), rows_per_chunk):
-            chunk_rows = rows[start:start + rows_per_chunk]
-            points = patches[chunk_rows].reshape(-1, d)
-            points = points if projection is None else points @ projection
-            covered = None if previous is None else nearest_squared_distances(points, previous)[0]
-            count = max(1, int(round(ratio * len(points))))
-            picked = farthest_first(points, count, 0, covered)
-            previous = points[picked]
-            chosen.append(chunk_rows[picked // p] * p + picked % p)
+    chosen, previous = [], None  # previous: the projected points the previous chunk chose
+    for start in range(0, n, rows_per_chunk):
+        chunk_rows = np.arange(start, min(n, start + rows_per_chunk))
+        points = patches[chunk_rows].reshape(-1, d)
+        points = points if projection is None else points @ projection
+        covered = None if previous is None else nearest_squared_distances(points, previous)[0]
+        count = max(1, int(round(ratio * len(points))))
+        picked = farthest_first(points, count, 0, covered)
+        previous = points[picked]
+        chosen.append(chunk_rows[picked // p] * p + picked % p)
     return np.concatenate(chosen)
 
 
@@ -168,14 +162,28 @@ class NearestPatchIndex:
                 labels[faiss.rev_swig_ptr(lists.get_ids(l), lists.list_size(l))] = l
         return labels
 
-    def search(self, queries, exact=False):
-        """queries (M, D) float32 -> (distances (M,) float32, indices (M,) int64) of the nearest bank row."""
+    def search(self, queries, exact=False, excluded=None):
+        """queries (M, D) float32 -> (distances (M,) float32, indices (M,) int64) of the nearest bank row.
+        excluded: bank row indices left out of the search (an image's own patches, for its held-out score)."""
         if self.index is None or exact:
-            return nearest_distances(queries, self.bank)
-        squared, indices = self.index.search(np.ascontiguousarray(queries, np.float32), 1)
+            return self._exact(queries, excluded)
+        params = None
+        if excluded is not None and len(excluded):
+            faiss = _faiss()
+            params = faiss.SearchParametersIVF(nprobe=self.probes, sel=faiss.IDSelectorNot(
+                faiss.IDSelectorBatch(np.ascontiguousarray(excluded, np.int64))))
+        squared, indices = self.index.search(np.ascontiguousarray(queries, np.float32), 1, params=params)
         distances, indices = np.sqrt(np.maximum(squared[:, 0], 0)), indices[:, 0]
         unfound = np.flatnonzero(indices < 0)  # every probed list empty: never seen, but never wrong
         if len(unfound):
-            distances[unfound], indices[unfound] = nearest_distances(queries[unfound], self.bank)
+            distances[unfound], indices[unfound] = self._exact(queries[unfound], excluded)
         return distances, indices
+
+    def _exact(self, queries, excluded=None):
+        """Brute force over the bank without the `excluded` rows (indices into the whole bank)."""
+        if excluded is None or not len(excluded):
+            return nearest_distances(queries, self.bank)
+        rows = np.setdiff1d(np.arange(len(self.bank)), excluded)
+        distances, indices = nearest_distances(queries, self.bank[rows])
+        return distances, rows[indices]
 

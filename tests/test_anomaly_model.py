@@ -96,13 +96,13 @@ def test_holdout_scores_exclude_each_source_image_and_its_copies():
     features = {'pooled0': random_levels(rng, 40, dims=(4,))[0].astype(np.float32)}
     groups = np.repeat(np.arange(20), 2)
     features['pooled0'][groups == 7] += 50  # an outlier source image, in two copies
-    method = pooled_only_method()
-    scores, pixel_max = holdout.holdout_scores(method, features, groups, 16, folds=5)
+    method = pooled_only_method().fit(features)
+    scores, pixel_max = holdout.holdout_scores(method, features, groups, 16)
     assert pixel_max is None and scores.shape == (20,)  # one per source image: its first (plain) row
     in_sample = MahalanobisAD().fit([features['pooled0']]).score([features['pooled0']])
     assert scores[7] > in_sample[groups == 7].max()  # not fitted on itself
     assert scores[7] > 3 * np.delete(scores, 7).max()
-    np.testing.assert_array_equal(scores, holdout.holdout_scores(method, features, groups, 16, folds=5)[0])
+    np.testing.assert_array_equal(scores, holdout.holdout_scores(method, features, groups, 16)[0])
 
 
 def fitted_method():

@@ -5,13 +5,15 @@ import os
 import numpy as np
 import pytest
 
-import holdout
-from thresholds import conformal_threshold
 import anomaly_model
 import evaluate
+import holdout
 import image_utils
 import mahalanobisad
+from anomaly_model import MahalanobisAD
+from thresholds import conformal_threshold
 from detector import Detector, UsageError
+from tests import hostile
 from tests.conftest import REPO
 
 DEFECTS = [os.path.join(REPO, 'images', name) for name in ('broken_large_000.png', 'contamination_000.png')]
@@ -47,6 +49,51 @@ def test_conformal_threshold_keeps_its_false_positive_rate():
 
 
 # ----------------------------------------------------------------------------------------------
+# leave one image out: the held-out scores without refitting, against refits
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['mahalanobis', 'padim', 'spade'])
+def test_held_out_scores_equal_a_refit_without_the_image(name):
+    """Each image's held-out score and map maximum equal those of the method refitted on the other images
+    (its augmented copies left out with it), for the Gaussians' exact downdates and SPADE's search."""
+    rng = np.random.default_rng(7)
+    method = anomaly_model.make_method(name, padim_dims=12, spade_k=3)
+    method.configure(hostile.SHAPES, hostile.INPUT_SIZE)
+    groups = np.repeat(np.arange(16), 2)  # 16 images, each with one augmented copy
+    maps = [rng.standard_normal((32,) + shape).astype(np.float32) for shape in hostile.SHAPES]
+    features = method.features(maps)
+    scores, maxima = holdout.holdout_scores(method.fit(features), features, groups, hostile.INPUT_SIZE)
+    for image in (0, 5, 15):
+        refit = anomaly_model.make_method(name, padim_dims=12, spade_k=3)
+        refit.params = dict(method.params)
+        refit.fit(anomaly_model.select_features(features, groups != image))
+        expected, expected_maps = refit.score(anomaly_model.select_features(features, [2 * image]), hostile.INPUT_SIZE)
+        assert scores[image] == pytest.approx(expected[0], rel=1e-4)
+        assert maxima[image] == pytest.approx(expected_maps.max(), rel=1e-4)
+        in_sample = method.score(anomaly_model.select_features(features, [2 * image]), hostile.INPUT_SIZE)[0][0]
+        assert scores[image] > in_sample
+
+
+def test_leave_one_out_thresholds_keep_their_rate_on_gaussian_data():
+    """Normal data, a Gaussian with nearly as many dimensions as images (the case that made k-fold
+    thresholds twice too high): the conformal threshold on the leave-one-out scores flags new normal
+    samples, scored by the model fitted on all images, at the nominal rate (n + 1 - k) / (n + 1), within
+    3 standard errors of the mean over fits."""
+    rng = np.random.default_rng(11)
+    dims, n, fpr, fits = 20, 39, 0.1, 40
+    rates = []
+    for _ in range(fits):
+        mixing = rng.standard_normal((dims, dims)) / np.sqrt(dims)
+        train = (rng.standard_normal((n, dims)) @ mixing)[:, None].astype(np.float32)  # one position
+        new = (rng.standard_normal((2000, dims)) @ mixing)[:, None].astype(np.float32)
+        gaussian = anomaly_model.PixelGaussian().fit(train)
+        threshold = conformal_threshold(gaussian.leave_out_distances(train, np.arange(n))[:, 0], fpr)[0]
+        rates.append(np.mean(gaussian.distances(new)[:, 0] >= threshold))
+    nominal = (n + 1 - np.ceil((n + 1) * (1 - fpr))) / (n + 1)  # k = 36: 4 / 40
+    assert abs(np.mean(rates) - nominal) <= 3 * np.std(rates) / np.sqrt(fits)
+
+
+# ----------------------------------------------------------------------------------------------
 # the outlier rule and the contamination rounds, on synthetic features
 # ----------------------------------------------------------------------------------------------
 
@@ -74,22 +121,23 @@ def synthetic(n_normal=60, n_planted=6, copies=1, seed=3):
 @pytest.mark.parametrize('copies', [1, 3])
 def test_contamination_auto_finds_the_planted_outliers(copies):
     method, features, groups = synthetic(copies=copies)
-    kept, scores, maxima, excluded = holdout.holdout_without_outliers(method, features, groups, 16, 'auto')
+    kept, scores, maxima, excluded, fitted = holdout.holdout_without_outliers(method, features, groups, 16, 'auto')
     assert sorted(group for group, _, _ in excluded) == list(range(60, 66))
     np.testing.assert_array_equal(kept, groups < 60)  # every copy of an excluded image goes
     assert scores.shape == (60,) and maxima is None
+    np.testing.assert_array_equal(fitted.image_model_.means_[0], MahalanobisAD().fit([features['pooled0'][kept]]).means_[0])
     again = holdout.holdout_without_outliers(method, features, groups, 16, 'auto')
     assert again[3] == excluded and np.array_equal(again[1], scores)  # deterministic
 
 
 def test_contamination_fraction_drops_that_share_and_none_drops_nothing():
     method, features, groups = synthetic()
-    kept, scores, _, excluded = holdout.holdout_without_outliers(method, features, groups, 16, 0.1)
+    kept, scores, _, excluded, _ = holdout.holdout_without_outliers(method, features, groups, 16, 0.1)
     assert len(excluded) == 7 and {60, 61, 62, 63, 64, 65} <= {group for group, _, _ in excluded}  # round(6.6)
     assert {round_ for _, _, round_ in excluded} <= {1, 2, 3} and kept.sum() == 66 - 7
-    kept, scores, _, excluded = holdout.holdout_without_outliers(method, features, groups, 16, None)
+    kept, scores, _, excluded, fitted = holdout.holdout_without_outliers(method, features, groups, 16, None)
     assert kept.all() and excluded == []
-    np.testing.assert_array_equal(scores, holdout.holdout_scores(method, features, groups, 16)[0])
+    np.testing.assert_array_equal(scores, holdout.holdout_scores(fitted, features, groups, 16)[0])
 
 
 def test_contamination_auto_on_clean_features_excludes_little():

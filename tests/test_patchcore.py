@@ -3,6 +3,7 @@ fit, determinism and the feature file with an index. Synthetic data, small banks
 import os
 
 import numpy as np
+import pytest
 
 import anomaly_model
 import feature_file
@@ -45,18 +46,6 @@ def test_chunked_coreset_covers_like_the_exact_greedy():
     assert chunked_mean <= 1.1 * exact_mean
 
 
-def test_chunked_coreset_never_mixes_folds():
-    rng = np.random.default_rng(21)
-    patches, _ = clustered_patches(rng, images=20)
-    folds = holdout.holdout_folds(np.arange(20), folds=4, seed=1)
-    chosen = nearest_neighbours.chunked_coreset(patches, 0.1, folds, chunk_patches=300, seed=2)
-    kept = folds != 2
-    alone = nearest_neighbours.chunked_coreset(patches[kept], 0.1, folds[kept], chunk_patches=300, seed=2)
-    rows = np.flatnonzero(kept)
-    carved = chosen[kept[chosen // 100]]  # the fit's bank without fold 2
-    np.testing.assert_array_equal(carved, rows[alone // 100] * 100 + alone % 100)
-
-
 def test_index_agrees_with_brute_force():
     rng = np.random.default_rng(22)
     patches, _ = clustered_patches(rng, images=60, patches=100, dims=16, clusters=40)
@@ -89,7 +78,7 @@ def fitted_patchcore(seed=0, images=40):
     method.configure(hostile.SHAPES, hostile.INPUT_SIZE)
     features = {'patches': clustered_patches(rng, images=images, patches=256, dims=14)[0][:, :256]}
     groups = np.arange(images)
-    return method.fit(features, holdout.holdout_folds(groups, seed=seed)), features, groups
+    return method.fit(features), features, groups
 
 
 def test_patchcore_is_deterministic_under_a_seed():
@@ -97,22 +86,26 @@ def test_patchcore_is_deterministic_under_a_seed():
     assert len(first.centroids_) > 0  # the index is in use
     for key, value in first.state().items():
         np.testing.assert_array_equal(value, second.state()[key])
-    assert not np.array_equal(first.bank_, other.bank_)
+    assert not np.array_equal(first.centroids_, other.centroids_)  # the index's k-means is seeded
 
 
-def test_holdout_models_are_carved_out_of_the_fit():
+@pytest.mark.parametrize('exact', [False, True])
+def test_holdout_searches_the_bank_without_the_images_own_patches(exact):
+    """Leave one image out: each training image scored as a new one against the bank without its own
+    rows (through the index, and by brute force), its maps' maxima kept for the pixel threshold."""
     method, features, groups = fitted_patchcore()
-    folds = holdout.holdout_folds(groups)
-    kept = folds != 1
-    carved = method.holdout_model(features, kept)
-    refitted = PatchCoreMethod(**method.params).fit(anomaly_model.select_features(features, kept), folds[kept])
-    np.testing.assert_array_equal(carved.bank_, refitted.bank_)
-    other_folds = holdout.holdout_folds(groups, seed=5)  # not the fit's folds: refitted instead
-    np.testing.assert_array_equal(method.holdout_model(features, other_folds != 0).bank_,
-                                  PatchCoreMethod(**method.params).fit(
-                                      anomaly_model.select_features(features, other_folds != 0)).bank_)
+    method.exact_search = exact
     scores, pixel_max = holdout.holdout_scores(method, features, groups, 64)
-    assert scores.shape == (40,) and np.isfinite(scores).all() and (pixel_max > 0).all()
+    assert scores.shape == (40,) and (pixel_max > 0).all()
+    own = np.flatnonzero(method.bank_rows_ == 3)
+    assert len(own)  # image 3 has patches in the bank
+    in_sample = method.score({'patches': features['patches'][3:4]}, 64)[0][0]
+    rows = np.setdiff1d(np.arange(len(method.bank_)), own)
+    without = PatchCoreMethod(**method.params).set_bank(method.bank_[rows], method.centroids_)
+    without.exact_search = exact
+    expected, maps = without.score({'patches': features['patches'][3:4]}, 64)
+    assert scores[3] == pytest.approx(expected[0], rel=1e-5) and scores[3] > in_sample
+    assert pixel_max[3] == pytest.approx(maps.max(), rel=1e-5)
 
 
 def test_feature_file_round_trip_with_an_index(tmp_path):
