@@ -172,6 +172,7 @@ class Detector:
         self.contamination = holdout.check_contamination(contamination)
         self.max_pixels = int(max_pixels)
         self.method_ = self.meta_ = self.thresholds_ = self.bit_depth_ = self.loaded_from_ = None
+        self._size_warned = False
 
     # ------------------------------------------------------------------------------------------
     # backbone, preprocessing and settings
@@ -369,6 +370,7 @@ class Detector:
             _, (image, mask) = entry
             with timer('decode'):
                 view, image_shape = preprocessing.view(image)
+                self._check_image_size(image_shape)
                 return view, None if mask is None else preprocessing.mask_view(mask, image_shape)
 
         # Scoring arithmetic stays on this thread: BLAS helper threads would compete with the decoders.
@@ -395,6 +397,18 @@ class Detector:
                         continue
                     score, view, anomaly_map, gt_mask = scored[index]
                     yield Inspection(index, path, score, bool(score >= self.threshold_), view, anomaly_map, gt_mask)
+
+    def _check_image_size(self, image_shape):
+        """Warn, once, where images differ in size from the training images: a threshold from good images
+        promises its rate for images taken like those (a resolution change alone moves the scores: the
+        MVTec bottle copy's 900 px test images against its 320 px training images, docs/accuracy.md)."""
+        trained = self.meta_.get('train_image_size')
+        if trained and tuple(image_shape[::-1]) != tuple(trained) and not self._size_warned:
+            self._size_warned = True
+            logger.warning('images of %dx%d, the training images were %dx%d: thresholds from good images (--fpr and '
+                           'the default) keep their false-positive rate only for images taken like the training '
+                           'images; resize these like them, or fit on images of this size', image_shape[1],
+                           image_shape[0], *trained)
 
     def _check_feature_shapes(self, feature_maps):
         """FeatureFileError unless the backbone's maps have the shapes the fitted state was built on

@@ -36,8 +36,8 @@ logger = logging.getLogger('evaluate')
 
 # Good-images-only thresholds (the training hold-out) reported at these false-positive rates, every run.
 REPORTED_FPRS = (0.01, 0.05)
-FPR_KEYS = tuple(f'fpr{round(100 * a):02d}_{what}' for a in REPORTED_FPRS
-                 for what in ('test_fpr', 'recall', 'oracle_recall'))
+FPR_KEYS = tuple(f'{rate}_{what}' for rate in ['default'] + [f'fpr{round(100 * a):02d}' for a in REPORTED_FPRS]
+                 for what in ('test_fpr', 'recall', 'oracle_recall', 'map_fpr'))
 METRIC_KEYS = ('category', 'method', 'model', 'image_auroc', 'pixel_auroc', 'aupro', 'image_f1',
                'fit_s', 'images_per_s', 'peak_mb') + FPR_KEYS + (
                'target_fpr', 'test_fpr', 'test_recall', 'test_oracle_recall', 'test_map_fpr',
@@ -95,12 +95,17 @@ def oracle_recall(labels, scores, fpr):
     return float(np.mean(np.asarray(scores)[labels] > cut))
 
 
-def holdout_report(detector, labels, scores, fpr):
-    """The good-images-only threshold for `fpr` (the training hold-out's) on the test set -> (its FPR on the
-    normal test images, its recall on the defective ones, oracle_recall at `fpr`)."""
-    threshold = thresholds.from_holdout(detector.holdout_, fpr, detector.localizes, log=False).image
-    flagged = scores >= threshold
-    return float(flagged[~labels].mean()), float(flagged[labels].mean()), oracle_recall(labels, scores, fpr)
+def holdout_report(detector, scored, labels, scores, fpr=None):
+    """The good-images-only thresholds for `fpr` (the training hold-out's; None: the tool's default) on the
+    test set -> (the image threshold's FPR on the normal test images, its recall on the defective ones,
+    oracle_recall at the rate it promises, the share of normal test images whose map shows any pixel at or
+    above the pixel threshold, or None without maps)."""
+    chosen = thresholds.from_holdout(detector.holdout_, fpr, detector.localizes, log=False)
+    flagged = scores >= chosen.image
+    map_fpr = None if chosen.pixel is None else float(np.mean([s.anomaly_map.max() >= chosen.pixel
+                                                               for s, label in zip(scored, labels) if not label]))
+    return (float(flagged[~labels].mean()), float(flagged[labels].mean()),
+            oracle_recall(labels, scores, chosen.target_fpr), map_fpr)
 
 
 def peak_memory_mb():
@@ -201,9 +206,8 @@ def evaluate_category(root, args):
            'image_f1': image_f1, 'fit_s': fit_s, 'images_per_s': images_per_s,
            'peak_mb': peak_memory_mb()}
     row.update(dict.fromkeys(METRIC_KEYS[10:]), excluded=len(detector.meta_['excluded_train_images']))
-    for fpr in REPORTED_FPRS:
-        row.update(zip((k for k in FPR_KEYS if k.startswith(f'fpr{round(100 * fpr):02d}_')),
-                       holdout_report(detector, labels, scores, fpr)))
+    for i, fpr in enumerate((None,) + REPORTED_FPRS):
+        row.update(zip(FPR_KEYS[4 * i:4 * i + 4], holdout_report(detector, scored, labels, scores, fpr)))
     if planted is not None:
         row.update(planted=len(planted),
                    planted_excluded=len(set(planted) & set(detector.meta_['excluded_train_images'])))
@@ -213,12 +217,9 @@ def evaluate_category(root, args):
         row['pixel_auroc'] = float(roc_auc_score(pixels[0].ravel(), pixels[1].ravel()))
         row['aupro'] = aupro(*pixels)
     if args.fpr is not None:  # the figures show these thresholds
-        row.update(zip(('test_fpr', 'test_recall', 'test_oracle_recall'),
-                       holdout_report(detector, labels, scores, args.fpr)), target_fpr=args.fpr)
+        row.update(zip(('test_fpr', 'test_recall', 'test_oracle_recall', 'test_map_fpr'),
+                       holdout_report(detector, scored, labels, scores, args.fpr)), target_fpr=args.fpr)
         detector.use_holdout_thresholds(fpr=args.fpr)
-        if detector.localizes:  # normal test images whose map shows any pixel at or above the pixel threshold
-            row['test_map_fpr'] = float(np.mean([s.anomaly_map.max() >= detector.pixel_threshold_
-                                                 for s, label in zip(scored, labels) if not label]))
     return row, scored, labels, detector, pixels
 
 
@@ -261,7 +262,8 @@ def save_category_figures(folder, row, scored, labels, detector, pixels):
 def format_table(rows):
     columns = [('category', '{}'), ('image_auroc', '{:.4f}'), ('pixel_auroc', '{:.4f}'), ('aupro', '{:.4f}'),
                ('image_f1', '{:.4f}'), ('fit_s', '{:.1f}'), ('images_per_s', '{:.1f}'), ('peak_mb', '{:.0f}')]
-    columns += [(name, '{:.4f}' if name.startswith(('target', 'test', 'fpr')) else '{}') for name in METRIC_KEYS[10:]
+    columns += [(name, '{:.4f}' if name.startswith(('target', 'test', 'fpr', 'default')) else '{}')
+                for name in METRIC_KEYS[10:]
                 if any(row[name] is not None for row in rows)]
     lines = [' | '.join(name for name, _ in columns)]
     for row in rows:
