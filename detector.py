@@ -248,14 +248,11 @@ class Detector:
         n_images = len(training.names)
         if n_images < 2:
             raise UsageError(f'need at least 2 readable training images, found {n_images}')
-        kept, excluded, screened = self._leave_out_defective(training, method)
+        kept, excluded = self._leave_out_defective(training, method)
         features, groups = anomaly_model.select_features(training.features, kept), training.groups[kept]
         logger.info('fitting %s on %d views of %d images', method.name, len(groups), n_images - len(excluded))
-        if screened:  # the screening's last round fitted exactly this and scored its hold-out
-            method, held_out = screened
-        else:
-            method.fit(features)
-            held_out = holdout.HoldoutScores(*holdout.holdout_scores(method, features, groups, self.spec.input_size))
+        method.fit(features)
+        held_out = holdout.HoldoutScores(*holdout.holdout_scores(method, features, groups, self.spec.input_size))
         self.method_ = method
         self.meta_ = dict(self.settings(), model=self.model, train_dir=source, n_train_images=n_images - len(excluded),
                           bit_depth=self.bit_depth_, **held_out.to_meta(),
@@ -303,25 +300,23 @@ class Detector:
                                  anomaly_model.concatenate_features(screen_batches) if screen_batches else None)
 
     def _leave_out_defective(self, training, method):
-        """Under `contamination`, the training images whose held-out scores are outliers ->
-        (kept (N,) bool over views, excluded [(group, score, round)], and where the screening method is
-        the method itself, (it fitted on the kept views, their holdout.HoldoutScores), else None)."""
-        kept = np.ones(len(training.groups), bool)
+        """Under `contamination`, the training images whose screening scores are outliers ->
+        (kept (N,) bool over views, excluded [(group, score, round)])."""
         if self.contamination is None:
-            return kept, [], None
+            return np.ones(len(training.groups), bool), []
         screen = training.screen
-        logger.info('looking for defective training images (contamination %s) by their held-out %s scores',
+        logger.info('looking for defective training images (contamination %s) by their %s scores, fitted '
+                    'without them',
                     self.contamination, screen.name)
         screen_features, screen_groups = ((training.features, training.groups) if screen is method else
                                           (training.screen_features, training.groups[training.plain]))
-        screen_kept, scores, maxima, excluded, fitted = holdout.holdout_without_outliers(
-            screen, screen_features, screen_groups, self.spec.input_size, self.contamination)
+        screen_kept, excluded = holdout.holdout_without_outliers(screen, screen_features, screen_groups,
+                                                                 self.spec.input_size, self.contamination, self.seed)
         for group, score, round_ in excluded:
             logger.warning('excluded training image (held-out %s score %.3f, round %d): %s',
                            screen.name, score, round_, training.names[group])
         logger.info('excluded %d of %d training images', len(excluded), len(training.names))
-        screened = (fitted, holdout.HoldoutScores(scores, maxima)) if screen is method else None
-        return np.isin(training.groups, screen_groups[screen_kept]), excluded, screened
+        return np.isin(training.groups, screen_groups[screen_kept]), excluded
 
     def _screening_method(self, method, feature_maps):
         """The method (configured) whose held-out scores find defective training images under
