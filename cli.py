@@ -122,7 +122,8 @@ def add_holdout_arguments(p):
     folders), shared with evaluate.py."""
     p.add_argument('--fpr', type=open_fraction, default=None, metavar='ALPHA',
                    help='image (and pixel) thresholds that flag a new normal image with probability at most ALPHA, '
-                        'from held-out training scores; wins over labelled images')
+                        'from held-out training scores; wins over labelled images (without labelled images: '
+                        '0.01, or the largest held-out score with fewer than 99 training images)')
     p.add_argument('--contamination', type=contamination_value, default=None, metavar='auto|FRACTION',
                    help='leave out training images that look defective: auto (robust outlier rule) or that share')
 

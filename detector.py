@@ -450,7 +450,8 @@ class Detector:
 
     def use_holdout_thresholds(self, fpr=None, log=True):
         """Thresholds from the held-out training scores for a false-positive rate -> self
-        (thresholds.from_holdout; fpr None: the largest held-out scores)."""
+        (thresholds.from_holdout; fpr None: the default, FPR 0.01, or the largest held-out score
+        where fewer than 99 images cannot certify that)."""
         self._check_fitted()
         self.thresholds_ = thresholds.from_holdout(self.holdout_, fpr, self.localizes, log=log)
         return self

@@ -10,6 +10,7 @@ import evaluate
 import holdout
 import image_utils
 import mahalanobisad
+import thresholds
 from thresholds import conformal_threshold
 from detector import Detector, UsageError
 from tests import hostile
@@ -36,6 +37,17 @@ def test_conformal_threshold_with_too_few_scores_is_the_largest_and_not_certifie
     assert conformal_threshold([3.0, 1.0, 2.0], 0.05) == (3.0, False)  # 3 < 1/0.05 - 1 = 19
     assert conformal_threshold(np.arange(18.0), 0.05) == (17.0, False)
     assert conformal_threshold(np.arange(19.0), 0.05) == (18.0, True)
+
+
+@pytest.mark.parametrize('n, source, rank_from_top, target', [
+    (12, 'training hold-out', 1, 1 / 13),  # too few images to certify 0.01: the largest score
+    (99, 'training hold-out, default FPR 0.01', 1, 0.01),
+    (209, 'training hold-out, default FPR 0.01', 2, 0.01)])  # k = ceil(210 * 0.99) = 208 of 209
+def test_default_threshold_is_fpr_001_where_the_images_certify_it(n, source, rank_from_top, target):
+    scores = np.random.default_rng(n).permutation(np.arange(n, dtype=np.float64))
+    chosen = thresholds.from_holdout(holdout.HoldoutScores(scores, scores), log=False)
+    assert chosen.source == source and chosen.target_fpr == pytest.approx(target)
+    assert chosen.image == chosen.pixel == n - rank_from_top
 
 
 def test_conformal_threshold_keeps_its_false_positive_rate():
