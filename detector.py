@@ -277,7 +277,7 @@ class Detector:
 
     def _quantized_backbone(self, images):
         """The backbone quantized to int8 on the network views of quantize.calibration_sample(images)
-        -> (serialized model, what the feature file records of it: quantize.settings, sha256, bytes)."""
+        -> (serialized model, what the feature file records of it: how it was made, sha256, bytes)."""
         preprocessing = self.preprocessing
         sample = [images[i] for i in quantize.calibration_sample(len(images), self.seed)]
         views = []  # an unreadable image is left out here, and reported by the fit that follows
@@ -285,10 +285,9 @@ class Detector:
             views += [loaded[0] for _, loaded in batch if not isinstance(loaded, ImageError)]
         if not views:
             raise UsageError('none of the images sampled to calibrate the int8 backbone could be read')
-        model_bytes = quantize.quantize_backbone(model_utils.open_backbone(
+        model_bytes, made = quantize.quantize_backbone(model_utils.open_backbone(
             self.model, self.model_dir, self.model_url, self.provider)[1].onnx_path, preprocessing.tensors(views))
-        return model_bytes, dict(quantize.settings(len(views)), sha256=quantize.sha256(model_bytes),
-                                 bytes=len(model_bytes))
+        return model_bytes, dict(made, sha256=quantize.sha256(model_bytes), bytes=len(model_bytes))
 
     def _training_features(self, images, method):
         """Stream the training images through the backbone -> _TrainingFeatures; configures `method`

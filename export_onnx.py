@@ -408,9 +408,10 @@ def _across_blocks(g, minima, arguments):
 def _exact_search(g, augmented, query_norms, weights, b):
     """Brute force: the squared distance (M, 1) of each query to its nearest bank row and that row
     (M, 1) int64, as matrix products in blocks of BANK_CHUNK rows (one (M, chunk) block alive at a time)."""
-    blocks = [_block_minima(g, g.op('Add', [g.op('MatMul', [augmented, _bank_columns(g, weights, start, start + BANK_CHUNK)]),
-                                            query_norms]), start)
-              for start in range(0, b, BANK_CHUNK)]
+    blocks = []
+    for start in range(0, b, BANK_CHUNK):
+        block = g.op('MatMul', [augmented, _bank_columns(g, weights, start, start + BANK_CHUNK)])
+        blocks.append(_block_minima(g, g.op('Add', [block, query_norms]), start))
     return _across_blocks(g, *zip(*blocks))
 
 
@@ -431,7 +432,7 @@ def _inverted_file_search(g, queries, augmented, query_norms, weights, index, li
     centre_distances = _squared_distances(g, queries, _distance_constants(g, index.centroids))    # (M, L)
     _, probed = g.op('TopK', [centre_distances, g.const(np.array([probes], np.int64))], outputs=2,
                      largest=0, sorted=1)                                                          # (M, probes)
-    pairs = g.op('Reshape', [probed, g.shape_const([-1])])           # the list of pair q * probes + j
+    pairs = g.op('Reshape', [probed, g.shape_const([-1])])        # (M * probes,): the list pair q * probes + j probes
     n_pairs = g.op('Shape', [pairs])
     pair_lists, by_list = g.op('TopK', [pairs, n_pairs], outputs=2, largest=0, sorted=1)  # pairs sorted by list
     present, _, _, present_counts = g.op('Unique', [pairs], outputs=4, sorted=1)
@@ -473,7 +474,7 @@ def _patchcore(g, method, maps, shapes, output_size):
     b, d = method.bank_.shape
     row_lists = None if method.exact_search else method.index_.row_lists()
     order = np.arange(b) if row_lists is None else np.argsort(row_lists, kind='stable')
-    bank = np.ascontiguousarray(method.bank_[order], np.float32)   # rows grouped by list; indices below are in this order
+    bank = np.ascontiguousarray(method.bank_[order], np.float32)  # rows grouped by list: the indices below count so
     weights = g.const(_augmented_bank(bank), 'bank')
     aggregated = {l: g.op('AveragePool', [maps[l]], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1],
                           count_include_pad=1) for l in params['levels']}

@@ -6,14 +6,19 @@ runs onnxruntime.quantization.quantize_static on the backbone graph exactly as F
 images (`calibration_sample`), and returns the quantized graph as bytes: the feature file stores them
 (Detector, feature_file), so a later run uses exactly this graph, never a re-calibrated one.
 
-The choices, each measured on lite0 (docs/speed.md, "int8 backbone"):
+The choices, each measured on lite0 (docs/speed.md, "int8 backbone": the figures and the commands):
 - QDQ format (QuantizeLinear / DequantizeLinear pairs around float operators): standard ONNX operators,
-  so the exported detector inlines the int8 backbone as it is; onnxruntime fuses the pairs into QLinearConv
-  at session creation, as fast as the QOperator format (whose QLinearAdd is a com.microsoft operator).
-- int8 weights per output channel: per-tensor scales ruin the depthwise convolutions (the features'
-  mean relative error 3-4 times larger), at the same speed.
-- uint8 activations, min-max ranges over CALIBRATION_IMAGES views.
-- FLOAT_NODES stay float32.
+  so the exported detector inlines the int8 backbone as it is; onnxruntime fuses the pairs into
+  QLinearConv at session creation: the same speed and features as the QOperator format, whose
+  QLinearAdd is a com.microsoft operator.
+- int8 weights per output channel: per-tensor scales ruin the depthwise convolutions (3 times the
+  features' error), at the same speed.
+- uint8 activations, min-max ranges: Percentile (99.999%) calibration gave 5% more error and took 3x
+  as long.
+- CALIBRATION_IMAGES views: more views widen the ranges (a little more error on good images, a little
+  less on defects, whose activations reach further); the cost of calibrating grows linearly.
+- FLOAT_NODES stay float32: quantizing EfficientNet-Lite's stem and first block doubled the error of
+  every later feature map, for 13% of the int8 speed.
 """
 import contextlib
 import functools
@@ -27,15 +32,16 @@ import onnxruntime
 from onnxruntime import quantization
 
 import model_utils
+from errors import ModelError
 
 logger = logging.getLogger('mahalanobisad')
 
-CALIBRATION_IMAGES = 32   # training views the activation ranges are measured on
+CALIBRATION_IMAGES = 32   # training views the activation ranges are measured on (module docstring)
 CALIBRATION_BATCH = 8     # views per calibration run
-FLOAT_NODES = ()          # backbone nodes left in float32
-PER_CHANNEL = True
-CALIBRATE_METHOD = quantization.CalibrationMethod.MinMax
-SETTINGS = {'format': 'QDQ', 'weights': 'int8, per channel', 'activations': 'uint8', 'calibration': 'MinMax'}
+# Left in float32: EfficientNet-Lite's stem and first block (three convolutions at 112 x 112, 5% of
+# the multiply-adds). Quantized, they doubled the error of every later feature map (module docstring).
+FLOAT_NODES = ('_conv_stem', '_conv_stem.relu6', '_blocks.0._depthwise_conv', '_blocks.0._depthwise_conv.relu6',
+               '_blocks.0._project_conv')
 
 
 def calibration_sample(n_images, seed, count=CALIBRATION_IMAGES):
@@ -55,23 +61,38 @@ class _Batches(quantization.CalibrationDataReader):
         return next(self.batches, None)
 
 
-def quantize_backbone(onnx_path, tensors):
-    """The backbone at `onnx_path`, statically quantized (module docstring) with activation ranges
-    measured on `tensors` (N, 3, S, S) float32, normalised network inputs -> the model, serialized
-    (bytes)."""
+def quantize_backbone(onnx_path, tensors, float_nodes=FLOAT_NODES, per_channel=True, quant_format='QDQ',
+                      calibration='MinMax'):
+    """The backbone at `onnx_path`, statically quantized with activation ranges measured on `tensors`
+    (N, 3, S, S) float32, normalised network inputs -> (the model, serialized (bytes); what made it:
+    {format, weights, activations, calibration, calibration_images, float_nodes, onnxruntime}).
+    ModelError (one line) where onnxruntime cannot quantize the graph.
+
+    The defaults are the tool's choices (module docstring); benchmarks/int8_choices.py measures the
+    others: float_nodes (names of nodes left in float32; those the graph lacks are ignored), per_channel
+    (weight scales per output channel, else per tensor), quant_format ('QDQ' or 'QOperator'),
+    calibration ('MinMax' or 'Percentile')."""
     model, _ = model_utils.feature_graph(onnx_path)
     initializers = {i.name for i in model.graph.initializer}
     input_name = next(i.name for i in model.graph.input if i.name not in initializers)
+    float_nodes = [node.name for node in model.graph.node if node.name in float_nodes]
     logger.info('quantizing %s to int8 (calibrated on %d training views)', os.path.basename(onnx_path), len(tensors))
     with tempfile.TemporaryDirectory() as folder, _quiet_root_logger():
         path = os.path.join(folder, 'int8.onnx')
-        quantization.quantize_static(
-            model, path, _Batches(input_name, tensors), quant_format=quantization.QuantFormat.QDQ,
-            per_channel=PER_CHANNEL, activation_type=quantization.QuantType.QUInt8,
-            weight_type=quantization.QuantType.QInt8, nodes_to_exclude=list(FLOAT_NODES),
-            calibrate_method=CALIBRATE_METHOD)
+        try:
+            quantization.quantize_static(
+                model, path, _Batches(input_name, tensors), quant_format=quantization.QuantFormat[quant_format],
+                per_channel=per_channel, activation_type=quantization.QuantType.QUInt8,
+                weight_type=quantization.QuantType.QInt8, nodes_to_exclude=float_nodes,
+                calibrate_method=quantization.CalibrationMethod[calibration])
+        except Exception as e:  # onnxruntime.quantization raises many unrelated types
+            raise ModelError(f'cannot quantize {os.path.basename(onnx_path)} to int8: '
+                             f'{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}') from None
         with open(path, 'rb') as f:
-            return f.read()
+            model_bytes = f.read()
+    weights = 'int8, per output channel' if per_channel else 'int8, per tensor'
+    return model_bytes, {'format': quant_format, 'weights': weights, 'activations': 'uint8', 'calibration': calibration, 'calibration_images': len(tensors),
+                         'float_nodes': float_nodes, 'onnxruntime': onnxruntime.__version__}
 
 
 @contextlib.contextmanager
@@ -85,12 +106,6 @@ def _quiet_root_logger():
         yield
     finally:
         logging.getLogger().removeFilter(drop)
-
-
-def settings(n_calibration):
-    """What the feature file records of how its int8 backbone was made (besides its sha256 and size)."""
-    return dict(SETTINGS, float_nodes=list(FLOAT_NODES), calibration_images=int(n_calibration),
-                onnxruntime=onnxruntime.__version__)
 
 
 def sha256(model_bytes):
