@@ -15,8 +15,11 @@ The choices, each measured on lite0 (docs/speed.md, "int8 backbone": the figures
   features' error), at the same speed.
 - uint8 activations, min-max ranges: Percentile (99.999%) calibration gave 5% more error and took 3x
   as long.
-- CALIBRATION_IMAGES views: more views widen the ranges (a little more error on good images, a little
-  less on defects, whose activations reach further); the cost of calibrating grows linearly.
+- up to CALIBRATION_IMAGES views, so every training image of a typical product folder (MVTec's hold 60
+  to 391): calibrated on a sample of 32, the AUROCs moved with the sample drawn (metal_nut PatchCore's
+  image AUROC 0.0059 below float32's with the seed-0 sample), while the whole training set leaves
+  nothing to chance. MinMax keeps only each run's minima and maxima, so memory does not grow with the
+  views; the time does (33 s for 220 views at load average 10), once, at fit time.
 - FLOAT_NODES stay float32: quantizing EfficientNet-Lite's stem and first block doubled the error of
   every later feature map, for 13% of the int8 speed.
 """
@@ -36,8 +39,8 @@ from errors import ModelError
 
 logger = logging.getLogger('mahalanobisad')
 
-CALIBRATION_IMAGES = 32   # training views the activation ranges are measured on (module docstring)
-CALIBRATION_BATCH = 8     # views per calibration run
+CALIBRATION_IMAGES = 256  # training views the activation ranges are measured on (module docstring)
+CALIBRATION_BATCH = 8     # views per calibration run (MinMax keeps each run's minima and maxima, not its activations)
 # Left in float32: EfficientNet-Lite's stem and first block (three convolutions at 112 x 112, 5% of
 # the multiply-adds). Quantized, they doubled the error of every later feature map (module docstring).
 FLOAT_NODES = ('_conv_stem', '_conv_stem.relu6', '_blocks.0._depthwise_conv', '_blocks.0._depthwise_conv.relu6',

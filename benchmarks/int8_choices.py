@@ -2,7 +2,7 @@
 error it adds to the feature maps, its speed and, optionally, the AUROCs it gives.
 
     python3 benchmarks/int8_choices.py                      # errors and speed (minutes)
-    python3 benchmarks/int8_choices.py --auroc --seeds 0 1 2 3   # + image / pixel AUROC per calibration sample
+    python3 benchmarks/int8_choices.py --auroc_only --seeds 0 1 2   # image / pixel AUROC per calibration sample
 
 On MVTec metal_nut and bottle (../shared/data/mvtec), lite0:
 - error: mean |int8 - float32| / mean |float32| of each feature map, averaged over stages 2-5 (the maps
@@ -11,8 +11,10 @@ On MVTec metal_nut and bottle (../shared/data/mvtec), lite0:
   the other training images;
 - speed: the backbone alone on one thread, batch 16, best of --repeats runs (the variants alternate, so
   that other load hits them alike), and its ratio to float32;
-- --auroc: PaDiM and PatchCore fitted on every training image's features and scored on the test
-  images, as evaluate.py does (the same AUROCs; no hold-out thresholds), per calibration seed.
+- --auroc / --auroc_only: PaDiM and PatchCore fitted on every training image's features and scored on
+  the test images, as evaluate.py does (the same AUROCs; no hold-out thresholds), with float32 and with
+  int8 calibrated on each of --auroc_counts views (a sample per --seeds; 'all': every training image,
+  the 40 held out included, no sample).
 Prints one JSON line per measurement and Markdown tables.
 """
 import argparse
@@ -83,10 +85,12 @@ class Category:
         batches = [extractor(self.pre.tensors(views[i:i + 16])) for i in range(0, len(views), 16)]
         return [np.concatenate(level) for level in zip(*batches)]
 
-    def quantized(self, options, count=quantize.CALIBRATION_IMAGES, seed=0):
-        """(FeatureExtractor, model bytes, seconds to quantize) of a variant calibrated on `count` views."""
-        count = len(self.pool) if count == 'all' else count
-        sample = self.pool[quantize.calibration_sample(len(self.pool), seed, count)]
+    def quantized(self, options, count=quantize.CALIBRATION_IMAGES, seed=0, pool=None):
+        """(FeatureExtractor, model bytes, seconds to quantize) of a variant calibrated on `count` views
+        of `pool` (default: the training images not held out)."""
+        pool = self.pool if pool is None else pool
+        count = len(pool) if count == 'all' else int(count)
+        sample = pool[quantize.calibration_sample(len(pool), seed, count)]
         start = time.perf_counter()
         model_bytes, _ = quantize.quantize_backbone(self.onnx_path, self.pre.tensors([self.train[i] for i in sample]),
                                                     **options)
@@ -137,36 +141,55 @@ def main():
     p.add_argument('--model_dir', default=os.path.join(ROOT, 'models'))
     p.add_argument('--repeats', type=int, default=30)
     p.add_argument('--auroc', action='store_true', help='also the AUROCs of float32 and the used variant, per seed')
-    p.add_argument('--seeds', type=int, nargs='+', default=[0], help='calibration samples for --auroc')
+    p.add_argument('--auroc_only', action='store_true', help='only the AUROCs')
+    p.add_argument('--auroc_counts', nargs='+', default=['32', 'all'], help="calibration views for the AUROCs")
+    p.add_argument('--seeds', type=int, nargs='+', default=[0], help='calibration samples for the AUROCs')
     args = p.parse_args()
     spec, onnx_path = model_utils.resolve_model('lite0', args.model_dir)
     float32 = model_utils.feature_graph(onnx_path)[0].SerializeToString()
     for name in args.categories:
         category = Category(os.path.join(args.data_path, name), spec, onnx_path)
-        models = {'float32': float32}
-        print(f'\n{name}: variant | stages 2-5 error, test / held-out training views | quantize s')
-        for variant, options in VARIANTS.items():
-            extractor, models[variant], seconds = category.quantized(options)
-            errors = category.errors(extractor)
-            print(json.dumps({'category': name, 'variant': variant, **errors, 'quantize_s': round(seconds, 1)}))
-            print(f"| {variant} | {errors['test']:.4f} / {errors['held_out']:.4f} | {seconds:.1f} |", flush=True)
-        print(f'\n{name}: backbone alone, one thread, batch 16 (images/s, x float32)')
-        rates = speeds(models, category.pre.tensors(category.test[:16]), args.repeats)
-        for variant, rate in rates.items():
-            print(f"| {variant} | {rate:.1f} | {rate / rates['float32']:.2f} |", flush=True)
-        print(f'\n{name}: calibration views | stages 2-5 error, test / held-out training views | quantize s')
-        for count in CALIBRATION_COUNTS:
-            extractor, _, seconds = category.quantized(USED, count)
-            errors = category.errors(extractor)
-            print(f"| {count} | {errors['test']:.4f} / {errors['held_out']:.4f} | {seconds:.1f} |", flush=True)
-        if args.auroc:
-            print(f'\n{name}: AUROC image / pixel | padim | patchcore')
-            for label, extractor in [('float32', model_utils.FeatureExtractor(onnx_path))] + [
-                    (f'int8, calibration seed {seed}', category.quantized(USED, seed=seed)[0]) for seed in args.seeds]:
-                aurocs = category.aurocs(extractor)
-                print(json.dumps({'category': name, 'backbone': label, **aurocs}))
-                print(f'| {label} | ' + ' | '.join('%.4f / %.4f' % aurocs[m] for m in ('padim', 'patchcore')) + ' |',
-                      flush=True)
+        if not args.auroc_only:
+            choices(category, float32, args.repeats)
+        if args.auroc or args.auroc_only:
+            aurocs(category, onnx_path, args.auroc_counts, args.seeds)
+
+
+def choices(category, float32, repeats):
+    """The variants' errors and speeds, and the error against the number of calibration views."""
+    name = category.name
+    models = {'float32': float32}
+    print(f'\n{name}: variant | stages 2-5 error, test / held-out training views | quantize s')
+    for variant, options in VARIANTS.items():
+        extractor, models[variant], seconds = category.quantized(options)
+        errors = category.errors(extractor)
+        print(json.dumps({'category': name, 'variant': variant, **errors, 'quantize_s': round(seconds, 1)}))
+        print(f"| {variant} | {errors['test']:.4f} / {errors['held_out']:.4f} | {seconds:.1f} |", flush=True)
+    print(f'\n{name}: backbone alone, one thread, batch 16 (images/s, x float32)')
+    rates = speeds(models, category.pre.tensors(category.test[:16]), repeats)
+    for variant, rate in rates.items():
+        print(f"| {variant} | {rate:.1f} | {rate / rates['float32']:.2f} |", flush=True)
+    print(f'\n{name}: calibration views | stages 2-5 error, test / held-out training views | quantize s')
+    for count in CALIBRATION_COUNTS:
+        extractor, _, seconds = category.quantized(USED, count)
+        errors = category.errors(extractor)
+        print(f"| {count} | {errors['test']:.4f} / {errors['held_out']:.4f} | {seconds:.1f} |", flush=True)
+
+
+def aurocs(category, onnx_path, counts, seeds):
+    """Image / pixel AUROCs with float32 and with int8 per calibration count and sample."""
+    print(f'\n{category.name}: AUROC image / pixel | padim | patchcore')
+    every = np.arange(len(category.train))
+    variants = [('float32', lambda: model_utils.FeatureExtractor(onnx_path))]
+    for count in counts:
+        for seed in (seeds if count != 'all' else seeds[:1]):
+            variants.append((f'int8, {count} views' + (f', sample {seed}' if count != 'all' else ''),
+                             lambda count=count, seed=seed: category.quantized(USED, count, seed, every)[0]))
+    for label, extractor in variants:
+        result = category.aurocs(extractor())
+        print(json.dumps({'category': category.name, 'backbone': label, **result}))
+        print(f'| {label} | ' + ' | '.join('%.4f / %.4f' % result[m] for m in ('padim', 'patchcore')) + ' |',
+              flush=True)
 
 
 if __name__ == '__main__':
