@@ -138,6 +138,9 @@ def add_model_arguments(p):
                    help='mahalanobis (pooled features, MahalanobisAD), padim, spade or patchcore')
     for option in anomaly_model.method_options():
         p.add_argument(f'--{option.flag}', type=OPTION_TYPES[option.kind], default=option.default, help=option.help)
+    p.add_argument('--int8', action='store_true',
+                   help='quantize the backbone to 8 bits when fitting, calibrated on the training images (about 2x '
+                        'faster on CPUs with 8-bit dot products); kept in the feature file, whose later runs use it')
     p.add_argument('-a', '--aug', action='store_true', help='fit on augmented copies too (rotation, crop)')
     p.add_argument('-an', '--aug_num', type=positive_int, default=5, help='augmented copies per training image')
     p.add_argument('-bs', '--batch_size', type=positive_int, default=16, help='images per backbone run')
@@ -176,7 +179,7 @@ def detector_from_args(args):
     return Detector(model=args.model, method=args.method, model_dir=args.model_dir, seed=args.seed,
                     batch_size=args.batch_size, model_url=args.model_url, aug_num=args.aug_num if args.aug else 0,
                     contamination=args.contamination, max_pixels=args.max_pixels,
-                    provider=execution_provider(args.env_id),
+                    provider=execution_provider(args.env_id), int8=args.int8,
                     **{o.flag: getattr(args, o.flag) for o in anomaly_model.method_options()})
 
 

@@ -33,8 +33,9 @@ import holdout
 import image_utils
 import model_utils
 import plot_utils
+import quantize
 import thresholds
-from errors import FeatureFileError, ImageError, MethodError, UsageError
+from errors import FeatureFileError, ImageError, MethodError, ModelError, UsageError
 
 logger = logging.getLogger('mahalanobisad')
 __version__ = '0.2.0'  # recorded in exported models
@@ -132,7 +133,8 @@ class Detector:
     image; 0 = none), contamination (None: trust every training image; 'auto' or a fraction in
     (0, 0.5): leave out the training images that look defective, see `fit`), max_pixels (image files
     larger than this, width x height, are refused from their header before decoding: see
-    image_utils), provider (onnxruntime execution provider of the backbone; None = CPU), and the
+    image_utils), provider (onnxruntime execution provider of the backbone; None = CPU), int8 (quantize
+    the backbone to 8 bits at fit time, calibrated on the training images: quantize.py), and the
     methods' options by their flags (padim_dims, spade_k, coreset_ratio: anomaly_model.Option; a
     method uses its own, the defaults are the methods'). The backbone is opened on first use, so
     constructing a Detector is cheap and offline.
@@ -140,7 +142,9 @@ class Detector:
     Fitted attributes: method_ (the fitted anomaly_model.AnomalyMethod), meta_ (what produced it:
     backbone, settings, n_train_images, held-out scores, excluded_train_images), thresholds_ (the
     thresholds.Thresholds deciding verdicts; threshold_, pixel_threshold_, threshold_source_ and
-    target_fpr_ read them), bit_depth_ (significant bits of 16-bit image files, learnt from the
+    target_fpr_ read them), int8_backbone_ (with int8: the quantized backbone, a serialized ONNX model
+    (bytes) saved in the feature file and used as it is by every later run), bit_depth_ (significant bits
+    of 16-bit image files, learnt from the
     training images: 8 when they were all 8-bit; see image_utils.load_view), loaded_from_ (the feature
     file `load` read, or None).
 
@@ -151,7 +155,7 @@ class Detector:
 
     def __init__(self, model=model_utils.DEFAULT_MODEL, method='mahalanobis', model_dir='models', seed=0,
                  batch_size=16, model_url=None, aug_num=0, contamination=None,
-                 max_pixels=image_utils.DEFAULT_MAX_PIXELS, provider=None, **method_options):
+                 max_pixels=image_utils.DEFAULT_MAX_PIXELS, provider=None, int8=False, **method_options):
         if method not in anomaly_model.METHODS:
             raise UsageError(f'unknown method {method!r}: choose one of {", ".join(anomaly_model.METHODS)}')
         for name, value, lowest in (('seed', seed, 0), ('batch_size', batch_size, 1), ('aug_num', aug_num, 0),
@@ -169,9 +173,13 @@ class Detector:
         self.model, self.method, self.model_dir, self.model_url = model, method, model_dir, model_url
         self.seed, self.batch_size, self.aug_num = int(seed), int(batch_size), int(aug_num)
         self.provider = provider
+        if not isinstance(int8, bool):
+            raise UsageError(f'int8 must be True or False, got {int8!r}')
+        self.int8 = int8
         self.contamination = holdout.check_contamination(contamination)
         self.max_pixels = int(max_pixels)
         self.method_ = self.meta_ = self.thresholds_ = self.bit_depth_ = self.loaded_from_ = None
+        self.int8_backbone_ = None
         self._size_warned = False
 
     # ------------------------------------------------------------------------------------------
@@ -185,7 +193,10 @@ class Detector:
 
     @property
     def extractor(self):
-        """The backbone: model_utils.FeatureExtractor, (N, 3, S, S) float32 -> feature maps."""
+        """The backbone: model_utils.FeatureExtractor, (N, 3, S, S) float32 -> feature maps (the int8
+        backbone once there is one)."""
+        if self.int8_backbone_ is not None:
+            return quantize.open_quantized(self.int8_backbone_, self.provider)
         return model_utils.open_backbone(self.model, self.model_dir, self.model_url, self.provider)[1]
 
     @property
@@ -217,7 +228,7 @@ class Detector:
                 'mean': list(spec.mean), 'std': list(spec.std), 'feature_names': self.extractor.output_names,
                 'method': self.method, 'method_options': dict(self._new_method().params),
                 'aug': self.aug_num > 0, 'aug_num': self.aug_num, 'seed': self.seed,
-                'contamination': self.contamination}
+                'contamination': self.contamination, 'int8': self.int8}
 
     # ------------------------------------------------------------------------------------------
     # fit
@@ -244,6 +255,7 @@ class Detector:
             logger.info('training images hold %d-bit data in 16-bit files: 0..%d is read as 0..255 for them and '
                         'every later image', self.bit_depth_, (1 << self.bit_depth_) - 1)
         method = self._new_method()
+        self.int8_backbone_, int8_meta = self._quantized_backbone(images) if self.int8 else (None, None)
         training = self._training_features(images, method)
         n_images = len(training.names)
         if n_images < 2:
@@ -258,9 +270,23 @@ class Detector:
                           bit_depth=self.bit_depth_, **held_out.to_meta(),
                           excluded_train_images=[training.names[group] for group, _, _ in excluded],
                           train_image_size=(list(training.image_sizes.pop()) if len(training.image_sizes) == 1
-                                            else None))
+                                            else None), int8_backbone=int8_meta)
         self.thresholds_ = thresholds.from_holdout(held_out, localizes=self.localizes, log=False)
         return self
+
+    def _quantized_backbone(self, images):
+        """The backbone quantized to int8 on the network views of quantize.calibration_sample(images)
+        -> (serialized model, what the feature file records of it: how it was made, sha256, bytes)."""
+        preprocessing = self.preprocessing
+        sample = [images[i] for i in quantize.calibration_sample(len(images), self.seed)]
+        views = []  # an unreadable image is left out here, and reported by the fit that follows
+        for batch in image_utils.stream(sample, preprocessing.view, self.batch_size):
+            views += [loaded[0] for _, loaded in batch if not isinstance(loaded, ImageError)]
+        if not views:
+            raise UsageError('none of the images sampled to calibrate the int8 backbone could be read')
+        model_bytes, made = quantize.quantize_backbone(model_utils.open_backbone(
+            self.model, self.model_dir, self.model_url, self.provider)[1].onnx_path, preprocessing.tensors(views))
+        return model_bytes, dict(made, sha256=quantize.sha256(model_bytes), bytes=len(model_bytes))
 
     def _training_features(self, images, method):
         """Stream the training images through the backbone -> _TrainingFeatures; configures `method`
@@ -503,18 +529,21 @@ class Detector:
         """Write the fitted state, its settings and the current thresholds to the feature file `path`
         (feature_file.save: an .npz archive, written atomically; loading it cannot execute code)."""
         self._check_fitted()
-        feature_file.save(path, dict(self.meta_, thresholds=self.thresholds_.to_meta()), self.method_)
+        feature_file.save(path, dict(self.meta_, thresholds=self.thresholds_.to_meta()), self.method_,
+                          self.int8_backbone_)
         return self
 
     @classmethod
     def load(cls, path, model=None, method=None, model_dir='models', model_url=None, batch_size=16,
-             max_pixels=image_utils.DEFAULT_MAX_PIXELS, provider=None):
+             max_pixels=image_utils.DEFAULT_MAX_PIXELS, provider=None, int8=None):
         """A fitted Detector from a feature file, with the thresholds stored in it.
 
-        model: the backbone to run (default: the one the file names); model / method given here must
-        match what the file was fitted with (FeatureFileError saying what differs, otherwise).
+        model: the backbone to run (default: the one the file names); model / method / int8 given here
+        must match what the file was fitted with (FeatureFileError saying what differs, otherwise).
+        int8 None: as the file was fitted. An int8 file's quantized backbone is used as stored (never
+        quantized again).
         """
-        meta, fitted = feature_file.load(path)
+        meta, fitted, int8_backbone = feature_file.load(path)
         feature_file.check_meta(path, meta)
         if model is None:
             model = meta.get('model') or next((key for key, spec in model_utils.MODEL_CATALOGUE.items()
@@ -526,7 +555,14 @@ class Detector:
                    if o.key in stored_options}
         detector = cls(model, method or meta['method'], model_dir, meta.get('seed', 0), batch_size, model_url,
                        aug_num=meta.get('aug_num', 0), contamination=meta.get('contamination'),
-                       max_pixels=max_pixels, provider=provider, **options)
+                       max_pixels=max_pixels, provider=provider, int8=meta['int8'] if int8 is None else int8,
+                       **options)
+        if int8_backbone is not None:
+            try:
+                quantize.open_quantized(int8_backbone, provider)
+            except ModelError as e:
+                raise FeatureFileError(f'{path}: damaged feature file: {e}') from None
+            detector.int8_backbone_ = int8_backbone
         feature_file.check_settings(path, meta, detector.settings(), feature_file.FEATURE_SETTINGS,
                                     'cannot be used with this backbone and method',
                                     'pass --feat with a new file name to fit one')

@@ -32,7 +32,7 @@ import feature_maps
 import image_utils
 from errors import ModelError, UsageError
 from file_io import atomic_write_bytes
-from model_utils import expose_spatial_outputs
+from model_utils import feature_graph
 
 MIN_OPSET = 13          # ReduceSum's axes as an input, Squeeze/Unsqueeze axes as inputs
 BANK_CHUNK = 4096       # PatchCore: bank rows per distance block (peak memory: N x P x BANK_CHUNK floats)
@@ -376,6 +376,19 @@ def _spade(g, method, maps, shapes, output_size):
     return score, _upsample_and_smooth(g, nearest_patch, params['grid'], output_size)
 
 
+def _augmented_bank(bank):
+    """The bank (B, D) as one matrix product's right side: (D + 1, B) float32 [-2 bank.T; |bank|^2],
+    so that [q, 1] @ it + |q|^2 are the squared distances of q to the rows (|q|^2 - 2 q.b + |b|^2)."""
+    return np.concatenate([-2 * bank.T, np.einsum('ij,ij->i', bank, bank)[None]]).astype(np.float32)
+
+
+def _bank_columns(g, weights, start, end):
+    """Columns start..end of the augmented bank: a Slice of a constant, folded into a constant of its
+    own when onnxruntime optimises the graph (the file holds the bank once)."""
+    return g.op('Slice', [weights, g.const(np.array([start], np.int64)), g.const(np.array([end], np.int64)),
+                          g.const(np.array([1], np.int64))])
+
+
 def _block_minima(g, squared, start):
     """The minimum of each row of a distance block (M, C) and its bank index: ((M, 1), (M, 1) int64)."""
     return (g.reduce('ReduceMin', squared, [1], keepdims=1),
@@ -392,63 +405,96 @@ def _across_blocks(g, minima, arguments):
             g.op('GatherElements', [g.op('Concat', arguments, axis=1), best_block], axis=1))
 
 
-UNPROBED = np.float32(1e30)  # added to the squared distance of a bank row outside a query's probed lists
+def _exact_search(g, augmented, query_norms, weights, b):
+    """Brute force: the squared distance (M, 1) of each query to its nearest bank row and that row
+    (M, 1) int64, as matrix products in blocks of BANK_CHUNK rows (one (M, chunk) block alive at a time)."""
+    blocks = []
+    for start in range(0, b, BANK_CHUNK):
+        block = g.op('MatMul', [augmented, _bank_columns(g, weights, start, start + BANK_CHUNK)])
+        blocks.append(_block_minima(g, g.op('Add', [block, query_norms]), start))
+    return _across_blocks(g, *zip(*blocks))
 
 
-def _probe_penalties(g, queries, index):
-    """NearestPatchIndex's inverted-file search, as the tool runs it: each query (M, D) probes the
-    index.probes lists whose centres are nearest (faiss's IndexFlatL2 ranking, by the same
-    |q|^2 - 2 q.c + |c|^2) -> (M, L) float32, 0 for a probed list and UNPROBED for the others."""
-    centre_distances = _squared_distances(g, queries, _distance_constants(g, index.centroids))   # (M, L)
-    _, probed = g.op('TopK', [centre_distances, g.const(np.array([index.probes], np.int64))], outputs=2,
-                     largest=0, sorted=1)                                                           # (M, probes)
-    unprobed = g.op('Expand', [g.const(UNPROBED), g.op('Shape', [centre_distances])])
-    zeros = g.op('Expand', [g.const(np.float32(0)), g.op('Shape', [probed])])
-    return g.op('ScatterElements', [unprobed, probed, zeros], axis=1)
+UNPROBED = np.float32(1e30)  # what a query finds in an empty inverted list
+
+
+def _inverted_file_search(g, queries, augmented, query_norms, weights, index, list_sizes):
+    """NearestPatchIndex's inverted-file search, computing only the distances the index computes.
+
+    queries (M, D); augmented (M, D + 1), the queries with a 1 appended; query_norms (M, 1); weights:
+    _augmented_bank of the bank with its rows grouped by list (list_sizes (L,) rows each, in list
+    order). Each query probes the index.probes lists whose centres are nearest (faiss's IndexFlatL2
+    ranking, by the same |q|^2 - 2 q.c + |c|^2). The (query, list) pairs are sorted by list and split
+    into one group per list, so each list's rows meet, in one matrix product, exactly the queries that
+    probe it. -> (squared distance (M, 1) to the nearest row of the probed lists, UNPROBED where they
+    are all empty; that row (M, 1) int64, in list order)."""
+    lists, probes = len(list_sizes), index.probes
+    centre_distances = _squared_distances(g, queries, _distance_constants(g, index.centroids))    # (M, L)
+    _, probed = g.op('TopK', [centre_distances, g.const(np.array([probes], np.int64))], outputs=2,
+                     largest=0, sorted=1)                                                          # (M, probes)
+    pairs = g.op('Reshape', [probed, g.shape_const([-1])])        # (M * probes,): the list pair q * probes + j probes
+    n_pairs = g.op('Shape', [pairs])
+    pair_lists, by_list = g.op('TopK', [pairs, n_pairs], outputs=2, largest=0, sorted=1)  # pairs sorted by list
+    present, _, _, present_counts = g.op('Unique', [pairs], outputs=4, sorted=1)
+    pairs_per_list = g.op('ScatterElements', [g.const(np.zeros(lists, np.int64)), present, present_counts], axis=0)
+    groups = g.op('Split', [g.op('Div', [by_list, g.const(np.int64(probes))]), pairs_per_list], outputs=lists,
+                  axis=0)                                            # per list, the queries probing it
+    starts = np.concatenate([[0], np.cumsum(list_sizes)[:-1]]).astype(np.int64)
+    minima, rows = [], []
+    for group, start, size in zip(groups if lists > 1 else [groups], starts, list_sizes):
+        if size == 0:  # nothing to find: UNPROBED, row 0
+            column = g.op('Unsqueeze', [group, g.const(np.array([1], np.int64))])
+            minima.append(g.op('Expand', [g.const(UNPROBED), g.op('Shape', [column])]))
+            rows.append(g.op('Mul', [column, g.const(np.int64(0))]))
+            continue
+        block = g.op('MatMul', [g.op('Gather', [augmented, group], axis=0),
+                                _bank_columns(g, weights, start, start + size)])           # (K, size)
+        nearest = g.op('ArgMin', [block], axis=1, keepdims=1)
+        minima.append(g.op('GatherElements', [block, nearest], axis=1))
+        rows.append(nearest)
+    minima = g.op('Reshape', [g.op('Concat', minima, axis=0), g.shape_const([-1])])      # per pair, in list order
+    rows = g.op('Add', [g.op('Reshape', [g.op('Concat', rows, axis=0), g.shape_const([-1])]),
+                        g.op('Gather', [g.const(starts), pair_lists], axis=0)])
+    by_pair = [g.op('Reshape', [g.op('ScatterElements', [g.op('Expand', [g.const(init), n_pairs]), by_list, values],
+                                     axis=0), g.shape_const([-1, probes])])
+               for init, values in ((UNPROBED, minima), (np.int64(0), rows))]        # (M, probes) each
+    best = g.op('ArgMin', [by_pair[0]], axis=1, keepdims=1)
+    return (g.op('Add', [g.op('GatherElements', [by_pair[0], best], axis=1), query_norms]),
+            g.op('GatherElements', [by_pair[1], best], axis=1))
 
 
 def _patchcore(g, method, maps, shapes, output_size):
-    """PatchCoreMethod.score: the nearest-neighbour search as matrix products against the bank, in
-    blocks of BANK_CHUNK rows (minimum and its index per block, then across blocks).
+    """PatchCoreMethod.score: the nearest-neighbour search, then the re-weighting.
 
-    Where the tool searches an inverted-file index, so does the graph: a bank row outside the
-    query's probed lists gets UNPROBED added to its distance, so the minimum is the index's answer
-    (and where every probed list is empty, the exact one, as NearestPatchIndex.search). Size and
-    speed: the graph stores only the bank, its rows' list numbers and the centres, but it still
-    computes every query-to-bank distance, so the export runs at brute-force speed, not the index's
-    (docs/deploying.md)."""
+    Where the tool searches an inverted-file index, so does the graph (_inverted_file_search: only the
+    probed lists' rows are compared with a query, and the nearest is the index's answer; where every
+    probed list is empty, the exact one, as NearestPatchIndex.search); without lists, by brute force.
+    The bank is held once, its rows grouped by list (docs/deploying.md)."""
     params = method.params
-    bank = np.ascontiguousarray(method.bank_, np.float32)
-    b, d = bank.shape
+    b, d = method.bank_.shape
+    row_lists = None if method.exact_search else method.index_.row_lists()
+    order = np.arange(b) if row_lists is None else np.argsort(row_lists, kind='stable')
+    bank = np.ascontiguousarray(method.bank_[order], np.float32)  # rows grouped by list: the indices below count so
+    weights = g.const(_augmented_bank(bank), 'bank')
     aggregated = {l: g.op('AveragePool', [maps[l]], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1],
                           count_include_pad=1) for l in params['levels']}
     patches = _embed_patches(g, aggregated, shapes, params['levels'], params['grid'])  # (N, P, D)
     queries = g.op('Reshape', [patches, g.shape_const([-1, d])])                        # (N*P, D)
-    starts = range(0, b, BANK_CHUNK)
-    chunks = [_distance_constants(g, bank[start:start + BANK_CHUNK]) for start in starts]
-    row_lists = None if method.exact_search else method.index_.row_lists()
-    penalties = None if row_lists is None else _probe_penalties(g, queries, method.index_)
-    # The exact minimum serves only where a query's probed lists can all be empty (NearestPatchIndex's
-    # fallback): with fewer empty lists than probes, never, and its reductions are left out.
+    query_norms = _squared_norms(g, queries)
+    augmented = g.op('Concat', [queries, g.op('Expand', [g.const(np.float32(1)), g.op('Shape', [query_norms])])],
+                     axis=1)                                                            # (N*P, D + 1)
     if row_lists is None:
-        exact_needed = True
+        minimum, index = _exact_search(g, augmented, query_norms, weights, b)
     else:
-        empty_lists = np.sum(np.bincount(row_lists, minlength=len(method.index_.centroids)) == 0)
-        exact_needed = empty_lists >= method.index_.probes
-    exact, probed = [], []
-    for start, chunk in zip(starts, chunks):  # block by block, so that one (M, chunk) block is alive at a time
-        block = _squared_distances(g, queries, chunk)
-        if exact_needed:
-            exact.append(_block_minima(g, block, start))
-        if penalties is not None:
-            outside = g.op('Gather', [penalties, g.const(row_lists[start:start + BANK_CHUNK])], axis=1)
-            probed.append(_block_minima(g, g.op('Add', [block, outside]), start))
-    minimum, index = _across_blocks(g, *zip(*(probed or exact)))
-    if probed and exact:
-        exact_minimum, exact_index = _across_blocks(g, *zip(*exact))
-        found = g.op('Less', [minimum, g.const(UNPROBED / 2)])
-        minimum = g.op('Where', [found, minimum, exact_minimum])
-        index = g.op('Where', [found, index, exact_index])
+        list_sizes = np.bincount(row_lists, minlength=len(method.index_.centroids))
+        minimum, index = _inverted_file_search(g, queries, augmented, query_norms, weights, method.index_, list_sizes)
+        # The exact search serves only where a query's probed lists can all be empty (NearestPatchIndex's
+        # fallback): with fewer empty lists than probes, never, and it is left out.
+        if np.sum(list_sizes == 0) >= method.index_.probes:
+            exact_minimum, exact_index = _exact_search(g, augmented, query_norms, weights, b)
+            found = g.op('Less', [minimum, g.const(UNPROBED / 2)])
+            minimum = g.op('Where', [found, minimum, exact_minimum])
+            index = g.op('Where', [found, index, exact_index])
     p = params['grid'] ** 2
     distances = g.op('Reshape', [_sqrt_clipped(g, minimum), g.shape_const([-1, p])])    # (N, P)
     indices = g.op('Reshape', [index, g.shape_const([-1, p])])
@@ -456,13 +502,14 @@ def _patchcore(g, method, maps, shapes, output_size):
     worst = g.op('ArgMax', [distances], axis=1, keepdims=1)                              # (N, 1)
     worst_distance = g.op('GatherElements', [distances, worst], axis=1)                  # (N, 1)
     anchor_index = g.op('Squeeze', [g.op('GatherElements', [indices, worst], axis=1), g.const(np.array([1], np.int64))])
-    bank_rows = g.const(bank, 'bank')
+    bank_rows = g.const(bank, 'bank_rows')
     anchor = g.op('Gather', [bank_rows, anchor_index], axis=0)                            # (N, D)
     worst_patch = g.op('GatherElements', [patches, g.op('Expand', [
         g.op('Unsqueeze', [worst, g.const(np.array([2], np.int64))]), g.shape_const([1, 1, d])])], axis=1)  # (N, 1, D)
     neighbours = min(params['neighbours'], b)
-    to_bank = [_squared_distances(g, anchor, chunk) for chunk in chunks]
-    to_bank = g.op('Concat', to_bank, axis=1) if len(to_bank) > 1 else to_bank[0]        # (N, B)
+    anchor_augmented = g.op('Concat', [anchor, g.op('Expand', [g.const(np.float32(1)), g.op('Shape', [worst])])],
+                            axis=1)                                                       # (N, D + 1)
+    to_bank = g.op('Add', [g.op('MatMul', [anchor_augmented, weights]), _squared_norms(g, anchor)])  # (N, B)
     _, nearest = g.op('TopK', [to_bank, g.const(np.array([neighbours], np.int64))], outputs=2, largest=0, sorted=1)
     neighbourhood = g.op('Gather', [bank_rows, nearest], axis=0)                          # (N, b, D)
     difference = g.op('Sub', [neighbourhood, worst_patch])
@@ -480,10 +527,10 @@ _SCORERS = {'mahalanobis': _mahalanobis, 'padim': _padim, 'spade': _spade, 'patc
 # The model
 # ----------------------------------------------------------------------------------------------
 
-def _load_backbone(onnx_path):
-    """The backbone as FeatureExtractor runs it (pooled outputs rewritten to maps), at opset >= 13."""
-    model = onnx.load(onnx_path)
-    expose_spatial_outputs(model)
+def _load_backbone(onnx_model):
+    """The backbone as FeatureExtractor runs it (pooled outputs rewritten to maps), at opset >= 13, from
+    its ONNX file's path or a serialized model (bytes: an int8 backbone, quantize.py)."""
+    model, _ = feature_graph(onnx_model)
     opset = next((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')), MIN_OPSET)
     if opset < MIN_OPSET:
         from onnx import version_converter
@@ -493,16 +540,17 @@ def _load_backbone(onnx_path):
     return model
 
 
-def build_model(spec, onnx_path, method, feature_shapes, image_size, threshold, metadata=None):
+def build_model(spec, onnx_model, method, feature_shapes, image_size, threshold, metadata=None):
     """The whole detector as an onnx.ModelProto.
 
-    spec: model_utils.BackboneSpec; onnx_path: its ONNX file; method: a fitted
+    spec: model_utils.BackboneSpec; onnx_model: its ONNX file's path, or the serialized model (bytes:
+    an int8 backbone, inlined as it is: QuantizeLinear / DequantizeLinear are standard); method: a fitted
     anomaly_model.AnomalyMethod; feature_shapes: each backbone output's shape at spec.input_size
     without the batch axis, (C, h, w) or (C,) for a pooled output; image_size: (width, height) of the graph's input; threshold: the image
     threshold of the `anomaly` output; metadata: {key: value} stored as metadata_props (as text).
     """
     width, height = image_size
-    backbone = _load_backbone(onnx_path)
+    backbone = _load_backbone(onnx_model)
     opset = max(MIN_OPSET, next(o.version for o in backbone.opset_import if o.domain in ('', 'ai.onnx')))
     g = _Graph(opset)
     view = _add_resize(g, 'image', height, width, spec.resize_size, spec.input_size)      # (N, 3, S, S)
@@ -581,10 +629,12 @@ def export_detector(detector, path, size=None, version=''):
                 'method_options': json.dumps(meta.get('method_options', {}), sort_keys=True),
                 'input_size': spec.input_size, 'resize_size': spec.resize_size,
                 'image_width': size[0], 'image_height': size[1], 'n_train_images': meta.get('n_train_images', ''),
-                'train_dir': meta.get('train_dir') or '', 'tool': 'mahalanobisad', 'version': version}
+                'train_dir': meta.get('train_dir') or '', 'int8': str(detector.int8_backbone_ is not None).lower(),
+                'tool': 'mahalanobisad', 'version': version}
     if detector.pixel_threshold_ is not None:
         metadata['pixel_threshold'] = repr(float(detector.pixel_threshold_))
-    model = build_model(spec, extractor.onnx_path, detector.method_, shapes, size, detector.threshold_, metadata)
+    backbone = extractor.onnx_path if detector.int8_backbone_ is None else detector.int8_backbone_
+    model = build_model(spec, backbone, detector.method_, shapes, size, detector.threshold_, metadata)
     size_bytes = save_model(model, path)
     logger.info('exported %s to %s (%.1f MB; input %d x %d RGB, threshold %.3f from %s)', detector.method_.name,
                 path, size_bytes / 2 ** 20, size[0], size[1], detector.threshold_, detector.threshold_source_)

@@ -3,9 +3,13 @@
 An .npz archive (whatever its name: `<train_dir>.pkl` by default, as the ailia sample names it) of
 plain arrays: `meta`, one JSON text saying what produced the fit (backbone, preprocessing, method and
 its parameters, training settings, held-out scores, thresholds), and the arrays the method declares
-(`AnomalyMethod.expected_state`). It is read with allow_pickle=False after checking every member's
-header, so loading one cannot execute code; any fault is one FeatureFileError saying what is wrong.
+(`AnomalyMethod.expected_state`); with an int8 backbone (meta `int8` true), `int8_backbone`, the
+quantized backbone's ONNX model as uint8 bytes, whose sha256 and size meta `int8_backbone` records.
+It is read with allow_pickle=False after checking every member's header, so loading one cannot
+execute code (the int8 backbone is parsed by onnxruntime, a protobuf: no code either); any fault is
+one FeatureFileError saying what is wrong.
 """
+import hashlib
 import io
 import json
 import os
@@ -23,7 +27,7 @@ from holdout import check_contamination
 FEATURE_FILE_FORMAT = 'mahalanobisad-features'
 FEATURE_FILE_VERSION = 3  # 3: method_params hold the feature shapes the arrays follow from
 # Settings that change the features themselves: a feature file fitted with others cannot be used.
-FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names', 'method')
+FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names', 'method', 'int8')
 # Settings of the fit: the CLI does not silently reuse a default-named feature file fitted with others.
 FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed', 'method_options', 'contamination')
 # Largest feature file read, bytes of arrays once uncompressed (PatchCore banks of millions of patches fit).
@@ -39,23 +43,29 @@ def check_settings(name, meta, settings, keys, what, hint):
         raise FeatureFileError(f'{name} {what}: {"; ".join(differences)}; {hint}')
 
 
-def save(path, meta, method):
-    """Write the fitted `method` and `meta` (a JSON-able dict saying what produced it) atomically."""
+def save(path, meta, method, int8_backbone=None):
+    """Write the fitted `method` and `meta` (a JSON-able dict saying what produced it) atomically;
+    int8_backbone: the quantized backbone (bytes) where meta['int8'] is true."""
     header = dict(meta, format=FEATURE_FILE_FORMAT, version=FEATURE_FILE_VERSION,
                   method=method.name, method_params=method.params)
+    arrays = method.state()
+    if int8_backbone is not None:
+        arrays[INT8_MEMBER] = np.frombuffer(int8_backbone, np.uint8)
     buffer = io.BytesIO()
-    np.savez(buffer, meta=np.array(json.dumps(header)), **method.state())
+    np.savez(buffer, meta=np.array(json.dumps(header)), **arrays)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
-    """Read a feature file -> (meta dict, fitted AnomalyMethod).
+    """Read a feature file -> (meta dict, fitted AnomalyMethod, the int8 backbone (bytes) or None).
 
     Everything is checked before any array is read: the archive's members must be exactly the
     metadata and the arrays the method declares (`expected_state`), each with the declared shape
     and dtype as its .npy header states them, its stored size equal to what that header implies
     and all of them within `max_bytes`. Arrays are then read with allow_pickle=False (a pickle, or
-    anything else, is refused, never executed) and must be finite. Any fault is one FeatureFileError
+    anything else, is refused, never executed) and must be finite; the int8 backbone's bytes must
+    have the size and sha256 meta records (a file from before int8 existed has a float backbone:
+    meta['int8'] False). Any fault is one FeatureFileError
     "<path>: damaged feature file: <what>". The Detector's own entries of `meta` are checked by
     check_meta.
     """
@@ -73,7 +83,8 @@ def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
                 raise FeatureFileError(f'{path} has feature file version {meta.get("version")}, '
                                        f'this tool reads version {FEATURE_FILE_VERSION}; refit it')
             method = _method_of(meta)
-            arrays = _read_state(archive, method, max_bytes)
+            arrays = _read_state(archive, method, max_bytes, _int8_member(meta))
+            int8_backbone = _int8_backbone(arrays.pop(INT8_MEMBER, None), meta)
             method.load_state(arrays)
     except FeatureFileError:
         raise
@@ -83,7 +94,7 @@ def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
             NotImplementedError, TypeError, MemoryError) as e:
         what = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise FeatureFileError(f'{path}: damaged feature file: {what}') from None
-    return meta, method
+    return meta, method, int8_backbone
 
 
 class _DamagedFile(ValueError):
@@ -168,9 +179,39 @@ def _check_stored_size(info, f, nbytes, name):
         raise _DamagedFile(f'member {name} stores {info.file_size} bytes, its header implies {f.tell() + nbytes}')
 
 
-def _read_state(archive, method, max_bytes):
-    """The arrays `method` declares (`expected_state`) from `archive`, after checking every member."""
-    expected = method.expected_state()
+INT8_MEMBER = 'int8_backbone'
+
+
+def _int8_member(meta):
+    """{INT8_MEMBER: (shape, dtype)} where meta says the backbone is int8, else {}."""
+    meta.setdefault('int8', False)
+    if meta['int8'] is False:
+        return {}
+    recorded = meta.get('int8_backbone')
+    if meta['int8'] is not True or not isinstance(recorded, dict) or not isinstance(recorded.get('bytes'), int) \
+            or recorded['bytes'] < 1 or not isinstance(recorded.get('sha256'), str):
+        raise _DamagedFile(f'int8 {str(meta["int8"])[:20]} with int8_backbone {str(recorded)[:100]}: not a flag '
+                           'and the size and sha256 of a backbone')
+    return {INT8_MEMBER: ((recorded['bytes'],), 'uint8')}
+
+
+def _int8_backbone(array, meta):
+    """The int8 backbone's bytes from its array (None: a float backbone), checked against the sha256
+    meta records."""
+    if array is None:
+        return None
+    model_bytes = array.tobytes()
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    if digest != meta['int8_backbone']['sha256']:
+        raise _DamagedFile(f'the int8 backbone\'s sha256 {digest[:16]}... differs from the recorded '
+                           f'{meta["int8_backbone"]["sha256"][:16]}...')
+    return model_bytes
+
+
+def _read_state(archive, method, max_bytes, extra=None):
+    """The arrays `method` declares (`expected_state`), and those of `extra` ({name: (shape, dtype)}),
+    from `archive`, after checking every member."""
+    expected = dict(method.expected_state(), **(extra or {}))
     members = {name[:-len('.npy')] for name in archive.namelist() if name.endswith('.npy')} - {'meta'}
     unexpected = sorted(set(archive.namelist()) - {f'{name}.npy' for name in expected} - {'meta.npy'})
     missing = sorted(set(expected) - members)

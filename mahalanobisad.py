@@ -98,8 +98,9 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 
 def feature_file_path(args):
-    """--feat, or <train_dir name>.pkl (<train_dir name>_<method>.pkl for methods other than mahalanobis)."""
-    suffix = '' if args.method == 'mahalanobis' else '_' + args.method
+    """--feat, or <train_dir name>.pkl (<train_dir name>_<method>.pkl for methods other than mahalanobis;
+    _int8 added with --int8)."""
+    suffix = ('' if args.method == 'mahalanobis' else '_' + args.method) + ('_int8' if args.int8 else '')
     return args.feat or os.path.basename(os.path.normpath(args.train_dir)) + suffix + '.pkl'
 
 
@@ -110,7 +111,7 @@ def load_or_fit(detector, args):
     if os.path.exists(feat_path):
         fitted = Detector.load(feat_path, model=args.model, method=args.method, model_dir=args.model_dir,
                                model_url=args.model_url, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                               provider=detector.provider)
+                               provider=detector.provider, int8=args.int8 or None)
         if args.feat is None:
             wanted = dict(detector.settings(), train_dir=os.path.abspath(args.train_dir))
             check_settings(feat_path, fitted.meta_, wanted, FIT_SETTINGS, 'was fitted differently',

@@ -534,30 +534,40 @@ def resolve_model(model, model_dir, model_url=None):
     raise ModelError(f"unknown model '{model}': choose one of {', '.join(MODEL_CATALOGUE)} or give a .onnx path")
 
 
+def feature_graph(onnx_model):
+    """The backbone as FeatureExtractor runs it: the onnx.ModelProto of an ONNX file's path or of a
+    serialized model (bytes), pooled outputs rewritten to the maps they pool -> (model, number of
+    outputs rewritten)."""
+    model = onnx.load_model_from_string(onnx_model) if isinstance(onnx_model, bytes) else onnx.load(onnx_model)
+    return model, expose_spatial_outputs(model)
+
+
 class FeatureExtractor:
     """An onnxruntime session that maps an image batch to its feature maps.
 
     __call__(batch): batch (N, 3, H, W) float32, normalised -> list of (N, C_l, h_l, w_l) float32,
     one per network output, shallowest first. Pooled outputs are turned back into the maps they pool
     where the graph allows (expose_spatial_outputs); (N, C) outputs are returned as (N, C, 1, 1).
-    A model with a fixed batch size is run in chunks of that size. provider: onnxruntime execution
+    A model with a fixed batch size is run in chunks of that size. onnx_model: the path of an ONNX
+    file (kept as onnx_path) or a serialized model (bytes: onnx_path is None; quantize.py's int8
+    backbones); name: what messages call it (default the path). provider: onnxruntime execution
     provider (None: CPUExecutionProvider).
     """
 
-    def __init__(self, onnx_path, provider=None):
-        self.onnx_path = onnx_path
+    def __init__(self, onnx_model, provider=None, name=None):
+        self.onnx_path = None if isinstance(onnx_model, bytes) else onnx_model
+        name = name or onnx_model
         try:
-            model = onnx.load(onnx_path)
-            self.spatial_rewrites = expose_spatial_outputs(model)
+            model, self.spatial_rewrites = feature_graph(onnx_model)
             self.session = _open_session(model.SerializeToString(), provider)
         except Exception as e:  # onnx and onnxruntime raise several unrelated types for a bad file
-            raise ModelError(f'cannot open {onnx_path}: {str(e).splitlines()[0][:200]}') from None
+            raise ModelError(f'cannot open {name}: {str(e).splitlines()[0][:200]}') from None
         if self.spatial_rewrites:
             logger.info('%s: %d pooled outputs replaced by the feature maps they pool',
-                        os.path.basename(onnx_path), self.spatial_rewrites)
+                        os.path.basename(name), self.spatial_rewrites)
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
-            raise ModelError(f'{onnx_path}: expected one image input (N, 3, H, W)')
+            raise ModelError(f'{name}: expected one image input (N, 3, H, W)')
         self.input_name = inputs[0].name
         batch = inputs[0].shape[0]
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None

@@ -42,7 +42,7 @@ def main(folder, max_pixels):
             traceback.print_exc()
 
     def score(path):
-        meta, method = feature_file.load(path)
+        meta, method, _ = feature_file.load(path)
         feature_file.check_meta(path, meta)
         scores, _ = method.score(method.features(maps), hostile.INPUT_SIZE)
         if not np.isfinite(scores).all():

@@ -119,9 +119,9 @@ def test_feature_file_round_trip(tmp_path):
     path = str(tmp_path / 'train.pkl')
     feature_file.save(path, meta, method)
     assert os.listdir(tmp_path) == ['train.pkl']  # no temporary file left behind
-    loaded_meta, loaded = feature_file.load(path)
+    loaded_meta, loaded, int8_backbone = feature_file.load(path)
     assert loaded_meta['backbone'] == 'x' and loaded_meta['version'] == feature_file.FEATURE_FILE_VERSION
-    assert loaded.name == 'mahalanobis' and loaded.params == method.params
+    assert loaded.name == 'mahalanobis' and loaded.params == method.params and int8_backbone is None
     features = method.features([m[:3] for m in maps])
     for a, b in zip(method.score(features, 32), loaded.score(features, 32)):
         np.testing.assert_array_equal(a, b)
