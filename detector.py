@@ -145,14 +145,13 @@ class Detector:
     Detector is cheap and offline.
 
     Fitted attributes: methods_ (the fitted anomaly_model.AnomalyMethod of each input size, in
-    input_sizes order; method_ is the first), meta_ (what produced it:
-    backbone, settings, n_train_images, held-out scores (fused ones with several sizes, and each
-    size's in scale_holdout), excluded_train_images), footings_ (each size's fusion.Footing; None
-    with one size), thresholds_ (the
-    thresholds.Thresholds deciding verdicts; threshold_, pixel_threshold_, threshold_source_ and
-    target_fpr_ read them), bit_depth_ (significant bits of 16-bit image files, learnt from the
-    training images: 8 when they were all 8-bit; see image_utils.load_view), loaded_from_ (the feature
-    file `load` read, or None).
+    input_sizes order; method_ is the first), meta_ (what produced it: backbone, settings,
+    n_train_images, held-out scores (the fused ones with several sizes, each size's own in
+    scale_holdout), excluded_train_images), footings_ (each size's fusion.Footing; None with one
+    size), thresholds_ (the thresholds.Thresholds deciding verdicts; threshold_, pixel_threshold_,
+    threshold_source_ and target_fpr_ read them), bit_depth_ (significant bits of 16-bit image
+    files, learnt from the training images: 8 when they were all 8-bit; see image_utils.load_view),
+    loaded_from_ (the feature file `load` read, or None).
 
     images, everywhere: an iterable of file paths and/or RGB uint8 arrays (H, W, 3) of any size,
     streamed through a bounded thread pool (memory flat in the number of images, decoding overlapped

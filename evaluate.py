@@ -243,7 +243,8 @@ def save_category_figures(folder, row, scored, labels, detector, pixels):
 
 
 def format_table(rows):
-    columns = [('category', '{}'), ('input_size', '{}'), ('image_auroc', '{:.4f}'), ('pixel_auroc', '{:.4f}'), ('aupro', '{:.4f}'),
+    columns = [('category', '{}'), ('input_size', '{}'), ('image_auroc', '{:.4f}'), ('pixel_auroc', '{:.4f}'),
+               ('aupro', '{:.4f}'),
                ('image_f1', '{:.4f}'), ('fit_s', '{:.1f}'), ('images_per_s', '{:.1f}'), ('peak_mb', '{:.0f}'),
                ('feature_mb', '{:.1f}')]
     columns += [(name, '{:.4f}' if name.startswith(('target', 'test')) else '{}') for name in OPTIONAL_KEYS

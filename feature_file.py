@@ -5,8 +5,9 @@ plain arrays: `meta`, one JSON text saying what produced the fit (backbone, prep
 its parameters, training settings, held-out scores, thresholds), and the arrays the method declares
 (`AnomalyMethod.expected_state`). A detector fitted at several input sizes holds one method per size:
 meta's input_size, resize_size and method_params are then lists (in ascending input size), each
-size's held-out scores are in scale_holdout, and each size's arrays carry the prefix `input<S>_`. It is read with allow_pickle=False after checking every member's
-header, so loading one cannot execute code; any fault is one FeatureFileError saying what is wrong.
+size's held-out scores are in scale_holdout, and each size's arrays carry the prefix `input<S>_`.
+It is read with allow_pickle=False after checking every member's header, so loading one cannot
+execute code; any fault is one FeatureFileError saying what is wrong.
 """
 import io
 import json

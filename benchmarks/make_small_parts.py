@@ -9,7 +9,8 @@ and pasted in the centre of a FRAME x FRAME image (320, metal_nut's size) filled
 background colour (the median of its outermost pixels; masks: 0). A defect then covers a ninth of the
 pixels of the frame that it covers of the original image's, and the parts keep their orientation
 (metal_nut's turn at random). The output is <out>/<category>_small/ in the MVTec layout with an
-ATTRIBUTION.md and DATA_LICENSE.txt: MVTec AD is CC BY-NC-SA 4.0, so the set must not be committed or shipped without it.
+ATTRIBUTION.md and DATA_LICENSE.txt: MVTec AD is CC BY-NC-SA 4.0, so the set must not be committed
+or shipped without them.
 """
 import argparse
 import os
@@ -73,7 +74,8 @@ def convert(source, target):
                 raise SystemExit(f'cannot read {path}')
             out = os.path.join(target, os.path.relpath(path, source))
             os.makedirs(os.path.dirname(out), exist_ok=True)
-            atomic_write_bytes(os.path.splitext(out)[0] + '.png', cv2.imencode('.png', small_part(image, is_mask))[1].tobytes())
+            encoded = cv2.imencode('.png', small_part(image, is_mask))[1]
+            atomic_write_bytes(os.path.splitext(out)[0] + '.png', encoded.tobytes())
             count += 1
     return count
 

@@ -48,7 +48,8 @@ def centre_and_spread(reference, rule):
 def fused(values, references, rule):
     """values: per size (N, ...) raw; references: per size (n,) held-out -> (N, ...) fused."""
     if rule in ('min_p', 'fisher'):
-        p = [(1 + (np.asarray(r)[None, :] >= v[:, None]).sum(axis=1)) / (len(r) + 1) for v, r in zip(values, references)]
+        p = [(1 + (np.asarray(r)[None, :] >= v[:, None]).sum(axis=1)) / (len(r) + 1)
+             for v, r in zip(values, references)]
         return -np.log(np.min(p, axis=0)) if rule == 'min_p' else -2 * np.sum(np.log(p), axis=0)
     standardised = []
     for v, r in zip(values, references):
@@ -98,7 +99,8 @@ def evaluate_category(folder, sizes, model_dir):
                 rows.append({'category': os.path.basename(os.path.normpath(folder)),
                              'sizes': ' '.join(str(sizes[i]) for i in chosen), 'rule': rule,
                              'image_auroc': float(roc_auc_score(labels, image)),
-                             'pixel_auroc': None if pixel is None else float(roc_auc_score(pixel_labels, pixel.ravel()))})
+                             'pixel_auroc': (None if pixel is None
+                                             else float(roc_auc_score(pixel_labels, pixel.ravel())))})
     # The tool's own fusion on all sizes must be what max_z gives here.
     footings = [fusion.Footing.of(h) for h in holdouts]
     assert np.allclose(fusion.fuse(list(scores), footings), fused(list(scores), [h.image for h in holdouts], 'max_z'))

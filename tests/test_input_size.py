@@ -16,7 +16,7 @@ from errors import FeatureFileError, UsageError
 from holdout import HoldoutScores
 from tests.conftest import REPO
 
-SAMPLE = sorted(os.path.join(REPO, 'images', f) for f in os.listdir(os.path.join(REPO, 'images')) if f.endswith('.png'))[::2]
+SAMPLE = sorted(image_utils.list_images(os.path.join(REPO, 'images')))[::2]
 SIZES = (64, 96)  # small, so that fitting and exporting stay quick; the code paths are those of 224 / 384
 OPTIONS = {'coreset_ratio': 0.2}
 
@@ -31,7 +31,8 @@ def detectors(train_paths, model_dir):
     """PatchCore fitted at each of SIZES alone and at both, on the same 12 images."""
     fitted = {size: Detector(method='patchcore', model_dir=model_dir, input_size=size, **OPTIONS).fit(train_paths)
               for size in SIZES}
-    fitted[SIZES] = Detector(method='patchcore', model_dir=model_dir, input_size=list(SIZES), **OPTIONS).fit(train_paths)
+    fitted[SIZES] = Detector(method='patchcore', model_dir=model_dir, input_size=list(SIZES),
+                             **OPTIONS).fit(train_paths)
     return fitted
 
 
@@ -39,7 +40,8 @@ def test_fuse_is_the_largest_z_score_on_a_constructed_case():
     held_out = [HoldoutScores(np.array([1.0, 2.0, 3.0]), np.array([4.0, 6.0, 8.0])),
                 HoldoutScores(np.array([10.0, 20.0, 60.0]), np.array([1.0, 1.0, 4.0]))]
     footings = [fusion.Footing.of(h) for h in held_out]
-    assert footings[0] == fusion.Footing(2.0, 1.0, 6.0, 2.0) and footings[1] == fusion.Footing(30.0, np.sqrt(700), 2.0, np.sqrt(3))
+    assert footings[0] == fusion.Footing(2.0, 1.0, 6.0, 2.0)
+    assert footings[1] == fusion.Footing(30.0, np.sqrt(700), 2.0, np.sqrt(3))
     scores = [np.array([2.0, 5.0, 0.0]), np.array([30.0 + 2 * np.sqrt(700), 30.0, 30.0 - np.sqrt(700)])]
     np.testing.assert_allclose(fusion.fuse(scores, footings), [2.0, 3.0, -1.0])  # max(0, 2), max(3, 0), max(-2, -1)
     maps = [np.full((1, 2, 2), 8.0), np.full((1, 2, 2), 2.0 + 3 * np.sqrt(3))]
@@ -68,6 +70,17 @@ def test_fused_detector_scores_by_the_documented_formula(detectors):
     assert fused.threshold_ == max(fused.meta_['holdout_scores'])
     result = next(fused.inspect(SAMPLE[:1]))
     assert result.view.shape == (96, 96, 3) and result.anomaly_map.shape == (96, 96)
+
+
+def test_contamination_with_several_sizes_screens_at_the_first_and_fits_every_size_without_them(
+        train_paths, model_dir):
+    detector = Detector(method='patchcore', model_dir=model_dir, input_size=list(SIZES), contamination=0.1,
+                        **OPTIONS).fit(train_paths)
+    excluded = detector.meta_['excluded_train_images']
+    assert len(excluded) == 1 and detector.meta_['n_train_images'] == 11
+    assert [len(scale['holdout_scores']) for scale in detector.meta_['scale_holdout']] == [11, 11]
+    assert detector.threshold_ == max(detector.meta_['holdout_scores'])
+    assert all(method.bank_rows_.max() < 11 for method in detector.methods_)  # banks of the 11 kept images
 
 
 def test_feature_file_fitted_at_one_size_is_refused_at_another(detectors, tmp_path, model_dir, capsys):
@@ -140,7 +153,8 @@ def test_bad_input_size_and_aug_rotate_are_one_line_flag_errors(flags, message, 
 
 
 def test_aug_rotate_without_aug_and_repeated_sizes_are_usage_errors(model_dir, capsys):
-    for flags, message in [(['--aug_rotate', '90'], '--aug_rotate sets the rotation of augmented copies: it needs --aug'),
+    needs_aug = '--aug_rotate sets the rotation of augmented copies: it needs --aug'
+    for flags, message in [(['--aug_rotate', '90'], needs_aug),
                            (['--input_size', '224', '224'], 'input sizes 224, 224 repeat a size')]:
         assert mahalanobisad.run(flags + ['--model_dir', model_dir]) == 1
         err = capsys.readouterr().err
