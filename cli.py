@@ -103,6 +103,22 @@ def open_fraction(text):
     return value
 
 
+def input_size_value(text):
+    """One --input_size: a multiple of 32 in 64..1024 (model_utils.check_input_sizes)."""
+    try:
+        return model_utils.check_input_sizes(int(text))[0]
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def rotation_range(text):
+    """--aug_rotate: degrees in 0..180 (image_utils.check_rotation)."""
+    try:
+        return image_utils.check_rotation(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def contamination_value(text):
     try:
         return holdout.check_contamination(text if text == 'auto' else float(text))
@@ -141,8 +157,14 @@ def add_model_arguments(p):
     p.add_argument('--int8', action='store_true',
                    help='quantize the backbone to 8 bits when fitting, calibrated on the training images (about 2x '
                         'faster on CPUs with 8-bit dot products); kept in the feature file, whose later runs use it')
+    p.add_argument('--input_size', type=input_size_value, nargs='+', default=None, metavar='N',
+                   help='side of the square network input, a multiple of 32 (default: the backbone\'s own, 224 for '
+                        'lite0; with an existing --feat, the file\'s); several: one fit per size, scores fused')
     p.add_argument('-a', '--aug', action='store_true', help='fit on augmented copies too (rotation, crop)')
     p.add_argument('-an', '--aug_num', type=positive_int, default=5, help='augmented copies per training image')
+    p.add_argument('--aug_rotate', type=rotation_range, default=None, metavar='DEG',
+                   help=f'with --aug: rotate the copies by up to +-DEG degrees (default '
+                        f'{image_utils.AUG_MAX_ROTATION_DEG:g}; 180: parts at any angle)')
     p.add_argument('-bs', '--batch_size', type=positive_int, default=16, help='images per backbone run')
     p.add_argument('--seed', type=non_negative_int, default=0,
                    help='seed of augmentation, channel subsets, coresets and folds')
@@ -176,10 +198,13 @@ def list_providers():
 
 def detector_from_args(args):
     """An unfitted Detector with the model and method flags of add_model_arguments (and --contamination)."""
+    if args.aug_rotate is not None and not args.aug:
+        raise UsageError('--aug_rotate sets the rotation of augmented copies: it needs --aug')
     return Detector(model=args.model, method=args.method, model_dir=args.model_dir, seed=args.seed,
                     batch_size=args.batch_size, model_url=args.model_url, aug_num=args.aug_num if args.aug else 0,
                     contamination=args.contamination, max_pixels=args.max_pixels,
-                    provider=execution_provider(args.env_id), int8=args.int8,
+                    provider=execution_provider(args.env_id), int8=args.int8, input_size=args.input_size,
+                    aug_rotate=image_utils.AUG_MAX_ROTATION_DEG if args.aug_rotate is None else args.aug_rotate,
                     **{o.flag: getattr(args, o.flag) for o in anomaly_model.method_options()})
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import anomaly_model
 import export_onnx
 import feature_file
+import fusion
 import holdout
 import image_utils
 import model_utils
@@ -47,7 +48,8 @@ class Inspection:
 
     index: position in the input iterable; path: the file given, or None for an array;
     score: image anomaly score (larger = more anomalous); anomaly: score >= threshold;
-    view: the network's view of the image, RGB uint8 (S, S, 3), S = the backbone's input size;
+    view: the network's view of the image, RGB uint8 (S, S, 3), S = the detector's output_size
+    (its input size; the largest of several);
     anomaly_map: pixel anomaly scores (S, S) float32, or None for a method without maps;
     gt_mask: ground truth (S, S) bool when a mask was given (None: no mask, i.e. normal);
     error: why the input could not be read (then score, anomaly, view and map are None).
@@ -110,10 +112,11 @@ def _length(items):
 
 @dataclasses.dataclass
 class _TrainingFeatures:
-    """What the fit reads from its images. features: the method's {name: (N, ...)} over the N views;
-    groups (N,): each view's image index; plain (N,) bool: the unaugmented view; names {index: shown
-    name}; image_sizes {(W, H)}; screen: the method whose held-out scores find defective images, and
-    screen_features its features of the plain views (None where screen is the method itself)."""
+    """What the fit reads from its images. features: per input size, the method's {name: (N, ...)}
+    over the N views; groups (N,): each view's image index; plain (N,) bool: the unaugmented view;
+    names {index: shown name}; image_sizes {(W, H)}; screen: the method whose held-out scores find
+    defective images (at the first input size), and screen_features its features of the plain views
+    (None where screen is the first size's method itself)."""
     features: dict
     groups: np.ndarray
     plain: np.ndarray
@@ -124,7 +127,8 @@ class _TrainingFeatures:
 
 
 class Detector:
-    """An anomaly detector on pretrained features: one backbone, one method, its thresholds.
+    """An anomaly detector on pretrained features: one backbone, one method (at one or more input
+    sizes), its thresholds.
 
     Parameters: model ('lite0', 'lite1', 'lite2', 'b0'..'b7' or a path to an .onnx feature
     extractor), method ('mahalanobis', 'padim', 'spade', 'patchcore'), model_dir (cache of ONNX
@@ -134,19 +138,23 @@ class Detector:
     (0, 0.5): leave out the training images that look defective, see `fit`), max_pixels (image files
     larger than this, width x height, are refused from their header before decoding: see
     image_utils), provider (onnxruntime execution provider of the backbone; None = CPU), int8 (quantize
-    the backbone to 8 bits at fit time, calibrated on the training images: quantize.py), and the
-    methods' options by their flags (padim_dims, spade_k, coreset_ratio: anomaly_model.Option; a
-    method uses its own, the defaults are the methods'). The backbone is opened on first use, so
-    constructing a Detector is cheap and offline.
+    the backbone to 8 bits at fit time, calibrated on the training images: quantize.py), input_size
+    (the side of the square network input: None for the backbone's own, 224 for lite0; an int, a
+    multiple of 32 in 64..1024; or several, each fitted on its own and their scores fused: see
+    fusion), aug_rotate (the augmentation's rotation range, +- degrees in 0..180), and the methods'
+    options by their flags (padim_dims, spade_k, coreset_ratio: anomaly_model.Option; a method uses
+    its own, the defaults are the methods'). The backbone is opened on first use, so constructing a
+    Detector is cheap and offline.
 
-    Fitted attributes: method_ (the fitted anomaly_model.AnomalyMethod), meta_ (what produced it:
-    backbone, settings, n_train_images, held-out scores, excluded_train_images), thresholds_ (the
-    thresholds.Thresholds deciding verdicts; threshold_, pixel_threshold_, threshold_source_ and
-    target_fpr_ read them), int8_backbone_ (with int8: the quantized backbone, a serialized ONNX model
-    (bytes) saved in the feature file and used as it is by every later run), bit_depth_ (significant bits
-    of 16-bit image files, learnt from the
-    training images: 8 when they were all 8-bit; see image_utils.load_view), loaded_from_ (the feature
-    file `load` read, or None).
+    Fitted attributes: methods_ (the fitted anomaly_model.AnomalyMethod of each input size, in
+    input_sizes order; method_ is the first), meta_ (what produced it: backbone, settings,
+    n_train_images, held-out scores (the fused ones with several sizes, each size's own in
+    scale_holdout), excluded_train_images), footings_ (each size's fusion.Footing; None with one
+    size), thresholds_ (the thresholds.Thresholds deciding verdicts; threshold_, pixel_threshold_,
+    threshold_source_ and target_fpr_ read them), int8_backbone_ (with int8: the quantized backbone, a
+    serialized ONNX model (bytes) saved in the feature file and used as it is by every later run),
+    bit_depth_ (significant bits of 16-bit image files, learnt from the training images: 8 when they
+    were all 8-bit; see image_utils.load_view), loaded_from_ (the feature file `load` read, or None).
 
     images, everywhere: an iterable of file paths and/or RGB uint8 arrays (H, W, 3) of any size,
     streamed through a bounded thread pool (memory flat in the number of images, decoding overlapped
@@ -155,7 +163,8 @@ class Detector:
 
     def __init__(self, model=model_utils.DEFAULT_MODEL, method='mahalanobis', model_dir='models', seed=0,
                  batch_size=16, model_url=None, aug_num=0, contamination=None,
-                 max_pixels=image_utils.DEFAULT_MAX_PIXELS, provider=None, int8=False, **method_options):
+                 max_pixels=image_utils.DEFAULT_MAX_PIXELS, provider=None, int8=False, input_size=None,
+                 aug_rotate=image_utils.AUG_MAX_ROTATION_DEG, **method_options):
         if method not in anomaly_model.METHODS:
             raise UsageError(f'unknown method {method!r}: choose one of {", ".join(anomaly_model.METHODS)}')
         for name, value, lowest in (('seed', seed, 0), ('batch_size', batch_size, 1), ('aug_num', aug_num, 0),
@@ -178,8 +187,10 @@ class Detector:
         self.int8 = int8
         self.contamination = holdout.check_contamination(contamination)
         self.max_pixels = int(max_pixels)
-        self.method_ = self.meta_ = self.thresholds_ = self.bit_depth_ = self.loaded_from_ = None
-        self.int8_backbone_ = None
+        self.input_size = model_utils.check_input_sizes(input_size)
+        self.aug_rotate = image_utils.check_rotation(aug_rotate)
+        self.methods_ = self.meta_ = self.thresholds_ = self.bit_depth_ = self.loaded_from_ = None
+        self.footings_ = self.int8_backbone_ = None
         self._size_warned = False
 
     # ------------------------------------------------------------------------------------------
@@ -200,11 +211,26 @@ class Detector:
         return model_utils.open_backbone(self.model, self.model_dir, self.model_url, self.provider)[1]
 
     @property
+    def input_sizes(self):
+        """The sides of the square network inputs, ascending: input_size, else the backbone's own."""
+        return self.input_size or (self.spec.input_size,)
+
+    @property
+    def output_size(self):
+        """Side of the views, maps and masks: the (largest) input size."""
+        return max(self.input_sizes)
+
+    @property
+    def method_(self):
+        """The fitted method (of the first input size; methods_ holds each size's), or None."""
+        return self.methods_[0] if self.methods_ else None
+
+    @property
     def preprocessing(self):
-        """How an image becomes this detector's network input (image_utils.Preprocessing)."""
+        """How an image becomes this detector's network inputs (image_utils.Preprocessing)."""
         spec = self.spec
-        return image_utils.Preprocessing(spec.input_size, spec.resize_size, spec.mean, spec.std, self.bit_depth_,
-                                         self.max_pixels)
+        return image_utils.Preprocessing(self.input_sizes, spec.mean, spec.std, self.bit_depth_, self.max_pixels,
+                                         self.aug_rotate)
 
     @property
     def localizes(self):
@@ -222,13 +248,25 @@ class Detector:
 
     def settings(self):
         """What a feature file records of how it was produced (feature_file.FEATURE_SETTINGS, and
-        FIT_SETTINGS but train_dir)."""
-        spec = self.spec
-        return {'backbone': spec.name, 'input_size': spec.input_size, 'resize_size': spec.resize_size,
+        FIT_SETTINGS but train_dir). input_size and resize_size: ints for one input size, lists for several."""
+        spec, sizes = self.spec, self.input_sizes
+        resize_sizes = [image_utils.resize_size_for(size) for size in sizes]
+        one = len(sizes) == 1
+        return {'backbone': spec.name, 'input_size': sizes[0] if one else list(sizes),
+                'resize_size': resize_sizes[0] if one else resize_sizes,
                 'mean': list(spec.mean), 'std': list(spec.std), 'feature_names': self.extractor.output_names,
                 'method': self.method, 'method_options': dict(self._new_method().params),
-                'aug': self.aug_num > 0, 'aug_num': self.aug_num, 'seed': self.seed,
+                'aug': self.aug_num > 0, 'aug_num': self.aug_num,
+                'aug_rotate': self.aug_rotate if self.aug_num else None, 'seed': self.seed,
                 'contamination': self.contamination, 'int8': self.int8}
+
+    def _check_backbone_input(self):
+        """UsageError where the backbone's graph fixes an input size other than this detector's."""
+        shape = self.extractor.session.get_inputs()[0].shape[2:]
+        fixed = [n for n in shape if isinstance(n, int)]
+        if fixed and any(size not in fixed for size in self.input_sizes):
+            raise UsageError(f'{self.spec.name} takes only {shape[-1]} x {shape[-2]} inputs, not input size '
+                             f'{", ".join(map(str, self.input_sizes))}')
 
     # ------------------------------------------------------------------------------------------
     # fit
@@ -242,102 +280,121 @@ class Detector:
         holdout.holdout_scores) and sets the thresholds from them. With `contamination`, the images whose held-out scores are outliers are
         left out (holdout.holdout_without_outliers: a few rounds of refit and rescore; the scores of
         method.screened_by where it names another method, PaDiM's for mahalanobis), logged and
-        recorded in meta_['excluded_train_images']. source: what the images are (the CLI passes the
-        training directory), recorded in meta_. The bit depth of 16-bit image files is learnt first
-        (bit_depth_), so `images` is read twice when it holds such files (an iterator is turned into a
-        list for that).
+        recorded in meta_['excluded_train_images']. With several input sizes, the method is fitted at
+        each on the same views, each size's held-out scores are kept (meta_['scale_holdout']) and
+        fused (fusion), and the thresholds come from the fused ones; contamination is screened at the
+        first (smallest) size and every size is fitted without the images it leaves out. source: what
+        the images are (the CLI passes the training directory), recorded in meta_. The bit depth of
+        16-bit image files is learnt first (bit_depth_), so `images` is read twice when it holds such
+        files (an iterator is turned into a list for that).
         """
         if not isinstance(images, collections.abc.Sequence):
             images = list(images)
+        self._check_backbone_input()
         self.bit_depth_ = image_utils.learn_bit_depth([i for i in images if not isinstance(i, np.ndarray)],
                                                       self.max_pixels)
         if self.bit_depth_ > 8:
             logger.info('training images hold %d-bit data in 16-bit files: 0..%d is read as 0..255 for them and '
                         'every later image', self.bit_depth_, (1 << self.bit_depth_) - 1)
-        method = self._new_method()
+        methods = [self._new_method() for _ in self.input_sizes]
         self.int8_backbone_, int8_meta = self._quantized_backbone(images) if self.int8 else (None, None)
-        training = self._training_features(images, method)
+        training = self._training_features(images, methods)
         n_images = len(training.names)
         if n_images < 2:
             raise UsageError(f'need at least 2 readable training images, found {n_images}')
-        kept, excluded = self._leave_out_defective(training, method)
-        features, groups = anomaly_model.select_features(training.features, kept), training.groups[kept]
-        logger.info('fitting %s on %d views of %d images', method.name, len(groups), n_images - len(excluded))
-        method.fit(features)
-        held_out = holdout.HoldoutScores(*holdout.holdout_scores(method, features, groups, self.spec.input_size))
-        self.method_ = method
+        kept, excluded = self._leave_out_defective(training, methods[0])
+        groups = training.groups[kept]
+        logger.info('fitting %s on %d views of %d images at input size %s', methods[0].name, len(groups),
+                    n_images - len(excluded), ' and '.join(map(str, self.input_sizes)))
+        scale_holdout = []
+        for method, features in zip(methods, training.features):
+            features = anomaly_model.select_features(features, kept)
+            method.fit(features)
+            scale_holdout.append(holdout.HoldoutScores(*holdout.holdout_scores(method, features, groups,
+                                                                                self.output_size)))
+        self.methods_ = methods
+        self.footings_ = [fusion.Footing.of(h) for h in scale_holdout] if len(methods) > 1 else None
+        held_out = fusion.fuse_holdout(scale_holdout, self.footings_) if self.footings_ else scale_holdout[0]
         self.meta_ = dict(self.settings(), model=self.model, train_dir=source, n_train_images=n_images - len(excluded),
                           bit_depth=self.bit_depth_, **held_out.to_meta(),
                           excluded_train_images=[training.names[group] for group, _, _ in excluded],
                           train_image_size=(list(training.image_sizes.pop()) if len(training.image_sizes) == 1
                                             else None), int8_backbone=int8_meta)
+        if self.footings_:
+            self.meta_['scale_holdout'] = [h.to_meta() for h in scale_holdout]
         self.thresholds_ = thresholds.from_holdout(held_out, localizes=self.localizes, log=False)
         return self
 
     def _quantized_backbone(self, images):
         """The backbone quantized to int8 on the network views of quantize.calibration_sample(images)
-        -> (serialized model, what the feature file records of it: how it was made, sha256, bytes)."""
+        -> (serialized model, what the feature file records of it: how it was made, sha256, bytes).
+        Calibrated at the first (smallest) input size: activation ranges of these convolutional
+        networks hardly move with the input size."""
         preprocessing = self.preprocessing
         sample = [images[i] for i in quantize.calibration_sample(len(images), self.seed)]
         views = []  # an unreadable image is left out here, and reported by the fit that follows
-        for batch in image_utils.stream(sample, preprocessing.view, self.batch_size):
-            views += [loaded[0] for _, loaded in batch if not isinstance(loaded, ImageError)]
+        for batch in image_utils.stream(sample, preprocessing.views, self.batch_size):
+            views += [loaded[0][0] for _, loaded in batch if not isinstance(loaded, ImageError)]
         if not views:
             raise UsageError('none of the images sampled to calibrate the int8 backbone could be read')
         model_bytes, made = quantize.quantize_backbone(model_utils.open_backbone(
             self.model, self.model_dir, self.model_url, self.provider)[1].onnx_path, preprocessing.tensors(views))
         return model_bytes, dict(made, sha256=quantize.sha256(model_bytes), bytes=len(model_bytes))
 
-    def _training_features(self, images, method):
-        """Stream the training images through the backbone -> _TrainingFeatures; configures `method`
-        (and the screening method) on the first batch's feature maps."""
+    def _training_features(self, images, methods):
+        """Stream the training images through the backbone at each input size -> _TrainingFeatures;
+        configures each size's method in `methods` (and the screening method) on its first batch's
+        feature maps."""
         preprocessing, extractor = self.preprocessing, self.extractor
-        batches, screen_batches, groups, plain_rows, names, image_sizes = [], [], [], [], {}, set()
-        screen = method
+        batches, screen_batches, groups, plain_rows, names, image_sizes = [[] for _ in methods], [], [], [], {}, set()
+        screen = methods[0]
         with tqdm(total=_length(images), desc='fit: features', unit='img') as progress, \
                 threadpool_limits(1, 'blas'):
             load = lambda item: preprocessing.training_views(item[1], item[0], self.aug_num, self.seed)  # noqa: E731
             for batch in image_utils.stream(enumerate(images), load, self.batch_size):
                 progress.update(len(batch))
-                views, plain = [], []
+                views, plain = [[] for _ in methods], []
                 for (index, image), loaded in batch:
                     if isinstance(loaded, ImageError):
                         logger.warning('skipping training image: %s', loaded)
                         continue
                     names[index] = (f'array #{index}' if isinstance(image, np.ndarray)
                                     else image_utils.display_path(image))
-                    item_views, (height, width) = loaded
-                    views += item_views
-                    plain += [True] + [False] * (len(item_views) - 1)
-                    groups += [index] * len(item_views)
+                    scale_views, (height, width) = loaded
+                    for scale, item_views in enumerate(scale_views):
+                        views[scale] += item_views
+                    plain += [True] + [False] * (len(scale_views[0]) - 1)
+                    groups += [index] * len(scale_views[0])
                     image_sizes.add((width, height))
-                for start in range(0, len(views), self.batch_size):
-                    feature_maps = extractor(preprocessing.tensors(views[start:start + self.batch_size]))
-                    if not batches:
-                        self._configure(method, feature_maps)
-                        screen = self._screening_method(method, feature_maps)
-                    batches.append(method.features(feature_maps))
-                    plain_views = np.array(plain[start:start + self.batch_size])
-                    if screen is not method and plain_views.any():  # plain views only: one score per image
-                        screen_batches.append(screen.features([m[plain_views] for m in feature_maps]))
+                for scale, (method, size) in enumerate(zip(methods, self.input_sizes)):
+                    for start in range(0, len(views[scale]), self.batch_size):
+                        feature_maps = extractor(preprocessing.tensors(views[scale][start:start + self.batch_size]))
+                        if not batches[scale]:
+                            self._configure(method, feature_maps, size, warn=scale == 0)
+                            if scale == 0:
+                                screen = self._screening_method(method, feature_maps)
+                        batches[scale].append(method.features(feature_maps))
+                        plain_views = np.array(plain[start:start + self.batch_size])
+                        if scale == 0 and screen is not method and plain_views.any():  # plain views: one per image
+                            screen_batches.append(screen.features([m[plain_views] for m in feature_maps]))
                 plain_rows += plain
-        return _TrainingFeatures(anomaly_model.concatenate_features(batches) if batches else {}, np.array(groups),
-                                 np.array(plain_rows, bool), names, image_sizes, screen,
+        return _TrainingFeatures([anomaly_model.concatenate_features(b) if b else {} for b in batches],
+                                 np.array(groups), np.array(plain_rows, bool), names, image_sizes, screen,
                                  anomaly_model.concatenate_features(screen_batches) if screen_batches else None)
 
     def _leave_out_defective(self, training, method):
-        """Under `contamination`, the training images whose screening scores are outliers ->
-        (kept (N,) bool over views, excluded [(group, score, round)])."""
+        """Under `contamination`, the training images whose screening scores (at the first input size)
+        are outliers -> (kept (N,) bool over views, excluded [(group, score, round)])."""
         if self.contamination is None:
             return np.ones(len(training.groups), bool), []
         screen = training.screen
         logger.info('looking for defective training images (contamination %s) by their %s scores, fitted '
                     'without them',
                     self.contamination, screen.name)
-        screen_features, screen_groups = ((training.features, training.groups) if screen is method else
+        screen_features, screen_groups = ((training.features[0], training.groups) if screen is method else
                                           (training.screen_features, training.groups[training.plain]))
         screen_kept, excluded = holdout.holdout_without_outliers(screen, screen_features, screen_groups,
-                                                                 self.spec.input_size, self.contamination, self.seed)
+                                                                 self.output_size, self.contamination, self.seed)
         for group, score, round_ in excluded:
             logger.warning('excluded training image (held-out %s score %.3f, round %d): %s',
                            screen.name, score, round_, training.names[group])
@@ -352,15 +409,15 @@ class Detector:
             return method
         screen = self._new_method(method.screened_by)
         try:
-            screen.configure([m.shape[1:] for m in feature_maps], self.spec.input_size)
+            screen.configure([m.shape[1:] for m in feature_maps], self.input_sizes[0])
         except MethodError:
             return method
         return screen
 
-    def _configure(self, method, feature_maps):
-        """Fit `method` to this backbone's outputs; warn once if it cannot draw maps."""
-        method.configure([m.shape[1:] for m in feature_maps], self.spec.input_size)
-        if not method.localizes:
+    def _configure(self, method, feature_maps, input_size, warn=True):
+        """Fit `method` to this backbone's outputs at `input_size`; warn (if `warn`) if it cannot draw maps."""
+        method.configure([m.shape[1:] for m in feature_maps], input_size)
+        if warn and not method.localizes:
             sizes = ', '.join(f'{m.shape[-1]}x{m.shape[-2]}' for m in feature_maps)
             logger.warning('%s has no feature maps of stride 4..16 (its outputs are %s): image-level scores only, '
                            'no heat maps', self.spec.name, sizes)
@@ -383,16 +440,15 @@ class Detector:
         seconds of 'decode' (summed over the decoding threads), 'backbone' and 'scoring'.
         """
         self._check_fitted()
-        preprocessing, extractor, method, output_size = self.preprocessing, self.extractor, self.method_, \
-            self.spec.input_size
+        preprocessing, extractor = self.preprocessing, self.extractor
         timer = timer or _untimed
 
         def load(entry):
             _, (image, mask) = entry
             with timer('decode'):
-                view, image_shape = preprocessing.view(image)
+                views, image_shape = preprocessing.views(image)
                 self._check_image_size(image_shape)
-                return view, None if mask is None else preprocessing.mask_view(mask, image_shape)
+                return views, None if mask is None else preprocessing.mask_view(mask, image_shape)
 
         # Scoring arithmetic stays on this thread: BLAS helper threads would compete with the decoders.
         with tqdm(total=_length(images), desc=desc, unit='img', leave=False, disable=desc is None) as progress, \
@@ -402,14 +458,10 @@ class Detector:
                 good = [(index, loaded) for (index, _), loaded in batch if not isinstance(loaded, ImageError)]
                 scored = {}
                 if good:
-                    views = [view for _, (view, _) in good]
-                    with timer('backbone'):
-                        feature_maps = extractor(preprocessing.tensors(views))
-                    self._check_feature_shapes(feature_maps)
-                    with timer('scoring'):
-                        scores, maps = method.score(method.features(feature_maps), output_size)
-                    scored = {index: (float(score), view, None if maps is None else maps[i], gt_mask)
-                              for i, ((index, (view, gt_mask)), score) in enumerate(zip(good, scores))}
+                    scores, maps = self._score([views for _, (views, _) in good], preprocessing, extractor, timer)
+                    # The view shown is the largest (the maps' geometry).
+                    scored = {index: (float(score), views[-1], None if maps is None else maps[i], gt_mask)
+                              for i, ((index, (views, gt_mask)), score) in enumerate(zip(good, scores))}
                 for (index, (image, _)), loaded in batch:
                     path = None if isinstance(image, np.ndarray) else os.fspath(image)
                     if isinstance(loaded, ImageError):
@@ -431,11 +483,29 @@ class Detector:
                            'images; resize these like them, or fit on images of this size', image_shape[1],
                            image_shape[0], *trained)
 
-    def _check_feature_shapes(self, feature_maps):
-        """FeatureFileError unless the backbone's maps have the shapes the fitted state was built on
-        (a feature file can name this backbone and still hold another's shapes)."""
+    def _score(self, views, preprocessing, extractor, timer):
+        """Views of N images (each a list, one view per input size) -> (image scores (N,), maps (N, S, S)
+        float32 or None, S = output_size): the method's at each size, fused across sizes (fusion)."""
+        results = []
+        for scale, method in enumerate(self.methods_):
+            with timer('backbone'):
+                feature_maps = extractor(preprocessing.tensors([image_views[scale] for image_views in views]))
+            self._check_feature_shapes(method, feature_maps)
+            with timer('scoring'):
+                results.append(method.score(method.features(feature_maps), self.output_size))
+        if self.footings_ is None:
+            return results[0]
+        with timer('scoring'):
+            scores = fusion.fuse([scores for scores, _ in results], self.footings_)
+            maps = (None if results[0][1] is None else
+                    fusion.fuse([maps for _, maps in results], self.footings_, 'pixel').astype(np.float32))
+        return scores, maps
+
+    def _check_feature_shapes(self, method, feature_maps):
+        """FeatureFileError unless the backbone's maps have the shapes `method`'s fitted state was built
+        on (a feature file can name this backbone and still hold another's shapes)."""
         shapes = [list(m.shape[1:]) for m in feature_maps]
-        fitted = self.method_.params.get('feature_shapes')
+        fitted = method.params.get('feature_shapes')
         if shapes != fitted:
             raise FeatureFileError(f'{self.loaded_from_}: damaged feature file: fitted on feature maps of shapes '
                                    f'{fitted}, this backbone gives {shapes}')
@@ -529,22 +599,24 @@ class Detector:
         """Write the fitted state, its settings and the current thresholds to the feature file `path`
         (feature_file.save: an .npz archive, written atomically; loading it cannot execute code)."""
         self._check_fitted()
-        feature_file.save(path, dict(self.meta_, thresholds=self.thresholds_.to_meta()), self.method_,
+        feature_file.save(path, dict(self.meta_, thresholds=self.thresholds_.to_meta()), self.methods_,
                           self.int8_backbone_)
         return self
 
     @classmethod
     def load(cls, path, model=None, method=None, model_dir='models', model_url=None, batch_size=16,
-             max_pixels=image_utils.DEFAULT_MAX_PIXELS, provider=None, int8=None):
+             max_pixels=image_utils.DEFAULT_MAX_PIXELS, provider=None, int8=None, input_size=None):
         """A fitted Detector from a feature file, with the thresholds stored in it.
 
-        model: the backbone to run (default: the one the file names); model / method / int8 given here
-        must match what the file was fitted with (FeatureFileError saying what differs, otherwise).
-        int8 None: as the file was fitted. An int8 file's quantized backbone is used as stored (never
-        quantized again).
+        model: the backbone to run (default: the one the file names); model / method / int8 /
+        input_size given here must match what the file was fitted with (FeatureFileError saying what
+        differs, otherwise); int8 and input_size None: as the file was fitted. An int8 file's quantized
+        backbone is used as stored (never quantized again).
         """
         meta, fitted, int8_backbone = feature_file.load(path)
         feature_file.check_meta(path, meta)
+        if meta.get('aug_num') and 'aug_rotate' not in meta:  # a file from before the rotation range was chosen
+            meta['aug_rotate'] = image_utils.AUG_MAX_ROTATION_DEG
         if model is None:
             model = meta.get('model') or next((key for key, spec in model_utils.MODEL_CATALOGUE.items()
                                                if spec.name == meta.get('backbone')), None)
@@ -556,18 +628,30 @@ class Detector:
         detector = cls(model, method or meta['method'], model_dir, meta.get('seed', 0), batch_size, model_url,
                        aug_num=meta.get('aug_num', 0), contamination=meta.get('contamination'),
                        max_pixels=max_pixels, provider=provider, int8=meta['int8'] if int8 is None else int8,
-                       **options)
+                       aug_rotate=(image_utils.AUG_MAX_ROTATION_DEG if meta.get('aug_rotate') is None
+                                   else meta['aug_rotate']), **options)
         if int8_backbone is not None:
             try:
                 quantize.open_quantized(int8_backbone, provider)
             except ModelError as e:
                 raise FeatureFileError(f'{path}: damaged feature file: {e}') from None
             detector.int8_backbone_ = int8_backbone
+        stored = meta['input_size']
+        stored_sizes = tuple(stored) if isinstance(stored, list) else (stored,)
+        if stored_sizes != detector.input_sizes:  # else the backbone's own size, left to it
+            detector.input_size = stored_sizes
+        if input_size is not None and model_utils.check_input_sizes(input_size) != stored_sizes:
+            asked = model_utils.check_input_sizes(input_size)
+            raise FeatureFileError(f'{path} was fitted at input size {" ".join(map(str, stored_sizes))}, not '
+                                   f'{" ".join(map(str, asked))}: pass --feat with a new file name to fit one at '
+                                   'that size, or leave --input_size out to use this one\'s')
         feature_file.check_settings(path, meta, detector.settings(), feature_file.FEATURE_SETTINGS,
                                     'cannot be used with this backbone and method',
                                     'pass --feat with a new file name to fit one')
-        detector.method_, detector.meta_, detector.bit_depth_ = fitted, meta, meta['bit_depth']
+        detector.methods_, detector.meta_, detector.bit_depth_ = fitted, meta, meta['bit_depth']
         detector.loaded_from_ = path
+        if len(fitted) > 1:
+            detector.footings_ = [fusion.Footing.of(holdout.HoldoutScores.from_meta(h)) for h in meta['scale_holdout']]
         detector.thresholds_ = (thresholds.Thresholds.from_meta(meta.get('thresholds'), detector.localizes)
                                 or thresholds.from_holdout(detector.holdout_, localizes=detector.localizes, log=False))
         return detector

@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import sys
+import tempfile
 import time
 
 import matplotlib
@@ -38,10 +39,12 @@ logger = logging.getLogger('evaluate')
 REPORTED_FPRS = (0.01, 0.05)
 FPR_KEYS = tuple(f'{rate}_{what}' for rate in ['default'] + [f'fpr{round(100 * a):02d}' for a in REPORTED_FPRS]
                  for what in ('test_fpr', 'recall', 'oracle_recall', 'map_fpr'))
-METRIC_KEYS = ('category', 'method', 'model', 'image_auroc', 'pixel_auroc', 'aupro', 'image_f1',
-               'fit_s', 'images_per_s', 'peak_mb') + FPR_KEYS + (
+METRIC_KEYS = ('category', 'method', 'model', 'input_size', 'image_auroc', 'pixel_auroc', 'aupro', 'image_f1',
+               'fit_s', 'images_per_s', 'peak_mb', 'feature_mb') + FPR_KEYS + (
                'target_fpr', 'test_fpr', 'test_recall', 'test_oracle_recall', 'test_map_fpr',
                'planted', 'planted_excluded', 'excluded')
+NAME_KEYS = METRIC_KEYS[:4]  # what was evaluated; the mean row repeats the first row's
+OPTIONAL_KEYS = METRIC_KEYS[METRIC_KEYS.index(FPR_KEYS[0]):]  # filled in by holdout reports, --fpr, --contaminate
 COUNT_KEYS = ('planted', 'planted_excluded', 'excluded')  # summed, not averaged, in the mean row
 EXAMPLES_PER_END = 2  # figures of the best and of the worst scored defects
 
@@ -183,7 +186,12 @@ def evaluate_category(root, args):
     detector = cli.detector_from_args(args).fit(train_paths, source=os.path.abspath(train_dir))
     fit_s = time.perf_counter() - start
     if args.exact_search:
-        detector.method_.exact_search = True
+        for method in detector.methods_:
+            method.exact_search = True
+    with tempfile.TemporaryDirectory() as folder:  # the size of the feature file the CLI would write
+        feature_path = os.path.join(folder, 'features.pkl')
+        detector.save(feature_path)
+        feature_mb = os.path.getsize(feature_path) / 2 ** 20
 
     start = time.perf_counter()
     masks = [image_utils.find_mask(p, test_dir, gt_dir) for p in test_paths] if has_ground_truth else None
@@ -202,10 +210,11 @@ def evaluate_category(root, args):
         threshold, image_f1 = thresholds.f1_optimal_threshold(labels, scores)
         detector.set_threshold(threshold, f'F1-optimal on {category} test set')
     row = {'category': category, 'method': detector.method, 'model': detector.spec.name,
+           'input_size': ' '.join(map(str, detector.input_sizes)),
            'image_auroc': float(roc_auc_score(labels, scores)), 'pixel_auroc': None, 'aupro': None,
            'image_f1': image_f1, 'fit_s': fit_s, 'images_per_s': images_per_s,
-           'peak_mb': peak_memory_mb()}
-    row.update(dict.fromkeys(METRIC_KEYS[10:]), excluded=len(detector.meta_['excluded_train_images']))
+           'peak_mb': peak_memory_mb(), 'feature_mb': feature_mb}
+    row.update(dict.fromkeys(OPTIONAL_KEYS), excluded=len(detector.meta_['excluded_train_images']))
     for i, fpr in enumerate((None,) + REPORTED_FPRS):
         row.update(zip(FPR_KEYS[4 * i:4 * i + 4], holdout_report(detector, scored, labels, scores, fpr)))
     if planted is not None:
@@ -260,10 +269,12 @@ def save_category_figures(folder, row, scored, labels, detector, pixels):
 
 
 def format_table(rows):
-    columns = [('category', '{}'), ('image_auroc', '{:.4f}'), ('pixel_auroc', '{:.4f}'), ('aupro', '{:.4f}'),
-               ('image_f1', '{:.4f}'), ('fit_s', '{:.1f}'), ('images_per_s', '{:.1f}'), ('peak_mb', '{:.0f}')]
+    columns = [('category', '{}'), ('input_size', '{}'), ('image_auroc', '{:.4f}'), ('pixel_auroc', '{:.4f}'),
+               ('aupro', '{:.4f}'),
+               ('image_f1', '{:.4f}'), ('fit_s', '{:.1f}'), ('images_per_s', '{:.1f}'), ('peak_mb', '{:.0f}'),
+               ('feature_mb', '{:.1f}')]
     columns += [(name, '{:.4f}' if name.startswith(('target', 'test', 'fpr', 'default')) else '{}')
-                for name in METRIC_KEYS[10:]
+                for name in OPTIONAL_KEYS
                 if any(row[name] is not None for row in rows)]
     lines = [' | '.join(name for name, _ in columns)]
     for row in rows:
@@ -272,8 +283,8 @@ def format_table(rows):
 
 
 def mean_row(rows):
-    mean = {'category': 'mean', 'method': rows[0]['method'], 'model': rows[0]['model']}
-    for key in METRIC_KEYS[3:]:
+    mean = dict({key: rows[0][key] for key in NAME_KEYS}, category='mean')
+    for key in METRIC_KEYS[len(NAME_KEYS):]:
         values = [r[key] for r in rows if r[key] is not None]
         mean[key] = (int(np.sum(values)) if key in COUNT_KEYS else float(np.mean(values))) if values else None
     mean['peak_mb'] = max(r['peak_mb'] for r in rows)

@@ -8,6 +8,8 @@ C#, Java, JavaScript, mobile) scores like the tool without this project installe
       -> normalise, NHWC -> NCHW                                           (image_utils.to_tensor)
       -> the backbone's own graph                                          (model_utils.FeatureExtractor)
       -> the fitted method's features and scoring                          (anomaly_model.*Method)
+      [-> with several input sizes S, the above once per size (the backbone's weights stored once),
+          then the scales' scores and maps fused                            (fusion)]
       -> score (N,) float32, anomaly_map (N, S, S) float32, anomaly (N,) bool
 
 The resize reproduces OpenCV's arithmetic for uint8 images step by step rather than approximating it
@@ -221,20 +223,23 @@ def _add_resize(g, image, height, width, resize_size, crop_size):
     return images(clip_255(g.op('Cast', [total], to=TensorProto.FLOAT)))
 
 
-def _add_backbone(g, backbone, x):
+def _add_backbone(g, backbone, x, copy_index=0):
     """Inline the backbone ModelProto (pooled outputs already rewritten to maps), fed with x;
-    -> names of its outputs, each (N, C, h, w)."""
-    prefix = 'backbone/'
+    -> names of its outputs, each (N, C, h, w). copy_index: which copy of the backbone this is (one
+    per input size): its weights are stored once, with the first copy, and shared by the others."""
+    prefix = 'backbone/' if not copy_index else f'backbone{copy_index}/'
     graph = backbone.graph
     initializers = {i.name for i in graph.initializer}  # old IRs list initializers among the inputs too
     input_name = next(i.name for i in graph.input if i.name not in initializers)
 
     def rename(name):
-        return x if name == input_name else (prefix + name if name else name)
-    for init in graph.initializer:
+        if name == input_name:
+            return x
+        return 'backbone/' + name if name in initializers else (prefix + name if name else name)
+    for init in graph.initializer if not copy_index else ():
         copy = onnx.TensorProto()
         copy.CopyFrom(init)
-        copy.name = prefix + init.name
+        copy.name = rename(init.name)
         g.initializers.append(copy)
     for node in graph.node:
         copy = onnx.NodeProto()
@@ -540,28 +545,38 @@ def _load_backbone(onnx_model):
     return model
 
 
-def build_model(spec, onnx_model, method, feature_shapes, image_size, threshold, metadata=None):
+def build_model(spec, onnx_model, scales, image_size, threshold, metadata=None, footings=None):
     """The whole detector as an onnx.ModelProto.
 
     spec: model_utils.BackboneSpec; onnx_model: its ONNX file's path, or the serialized model (bytes:
-    an int8 backbone, inlined as it is: QuantizeLinear / DequantizeLinear are standard); method: a fitted
-    anomaly_model.AnomalyMethod; feature_shapes: each backbone output's shape at spec.input_size
-    without the batch axis, (C, h, w) or (C,) for a pooled output; image_size: (width, height) of the graph's input; threshold: the image
-    threshold of the `anomaly` output; metadata: {key: value} stored as metadata_props (as text).
+    an int8 backbone, inlined as it is: QuantizeLinear / DequantizeLinear are standard); scales: per
+    input size S, ascending, (S, the fitted anomaly_model.AnomalyMethod, each backbone output's shape at
+    S without the batch axis: (C, h, w) or (C,) for a pooled output); image_size: (width, height) of the
+    graph's input; threshold: the image threshold of the `anomaly` output; metadata: {key: value} stored
+    as metadata_props (as text); footings: with several sizes, each one's fusion.Footing: the scores and
+    maps are fused as fusion.fuse does. Maps are at the largest size.
     """
     width, height = image_size
     backbone = _load_backbone(onnx_model)
     opset = max(MIN_OPSET, next(o.version for o in backbone.opset_import if o.domain in ('', 'ai.onnx')))
     g = _Graph(opset)
-    view = _add_resize(g, 'image', height, width, spec.resize_size, spec.input_size)      # (N, 3, S, S)
+    output_size = scales[-1][0]
     scale, offset = image_utils.normalization(spec.mean, spec.std)
-    tensor = g.op('Sub', [g.op('Mul', [view, g.const(scale.reshape(1, 3, 1, 1))]), g.const(offset.reshape(1, 3, 1, 1))])
-    maps = _add_backbone(g, backbone, tensor)
-    for i, shape in enumerate(feature_shapes):
-        if len(shape) == 1:  # a pooled (N, C) output that could not be rewritten: (N, C, 1, 1)
-            maps[i] = g.op('Unsqueeze', [maps[i], g.const(np.array([2, 3], np.int64))])
-    shapes = [tuple(s) if len(s) == 3 else (s[0], 1, 1) for s in feature_shapes]
-    score, anomaly_map = _SCORERS[method.name](g, method, maps, shapes, spec.input_size)
+    results = []
+    for copy_index, (input_size, method, feature_shapes) in enumerate(scales):
+        view = _add_resize(g, 'image', height, width, image_utils.resize_size_for(input_size), input_size)
+        tensor = g.op('Sub', [g.op('Mul', [view, g.const(scale.reshape(1, 3, 1, 1))]),
+                              g.const(offset.reshape(1, 3, 1, 1))])                  # (N, 3, S, S)
+        maps = _add_backbone(g, backbone, tensor, copy_index)
+        for i, shape in enumerate(feature_shapes):
+            if len(shape) == 1:  # a pooled (N, C) output that could not be rewritten: (N, C, 1, 1)
+                maps[i] = g.op('Unsqueeze', [maps[i], g.const(np.array([2, 3], np.int64))])
+        shapes = [tuple(s) if len(s) == 3 else (s[0], 1, 1) for s in feature_shapes]
+        results.append(_SCORERS[method.name](g, method, maps, shapes, output_size))
+    score, anomaly_map = results[0]
+    if footings:
+        score = _fuse(g, [s for s, _ in results], footings, 'image')
+        anomaly_map = None if anomaly_map is None else _fuse(g, [m for _, m in results], footings, 'pixel')
     g.op('Identity', [score], name='score')
     g.op('GreaterOrEqual', [score, g.const(np.float32(threshold))], name='anomaly')
     outputs = [helper.make_tensor_value_info('score', TensorProto.FLOAT, ['N']),
@@ -569,13 +584,22 @@ def build_model(spec, onnx_model, method, feature_shapes, image_size, threshold,
     if anomaly_map is not None:
         g.op('Identity', [anomaly_map], name='anomaly_map')
         outputs.insert(1, helper.make_tensor_value_info('anomaly_map', TensorProto.FLOAT,
-                                                        ['N', spec.input_size, spec.input_size]))
+                                                        ['N', output_size, output_size]))
     inputs = [helper.make_tensor_value_info('image', TensorProto.UINT8, ['N', height, width, 3])]
     graph = helper.make_graph(g.nodes, 'mahalanobisad', inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', opset)], producer_name='mahalanobisad')
     model.ir_version = max(8, backbone.ir_version)
     helper.set_model_props(model, {str(k): str(v) for k, v in (metadata or {}).items()})
     return model
+
+
+def _fuse(g, values, footings, kind):
+    """fusion.fuse: the largest over scales of a_s x_s + b_s (Footing.affine)."""
+    terms = []
+    for value, footing in zip(values, footings):
+        a, b = footing.affine(kind)
+        terms.append(g.op('Add', [g.op('Mul', [value, g.const(np.float32(a))]), g.const(np.float32(b))]))
+    return g.op('Max', terms)
 
 
 def view_model(height, width, resize_size, crop_size):
@@ -618,23 +642,27 @@ def export_size(meta, size=None):
 def export_detector(detector, path, size=None, version=''):
     """Write the model of a fitted detector.Detector for images of `size` (width, height; see
     export_size) to `path` (atomically) -> bytes written. metadata_props (text): the thresholds and
-    their source, backbone, method and options, input and export sizes, training set, the tool's
+    their source, backbone, method and options, input sizes and export size, training set, the tool's
     version (docs/deploying.md)."""
     spec, extractor, meta = detector.spec, detector.extractor, detector.meta_
     size = export_size(meta, size)
-    probe = np.zeros((1, 3, spec.input_size, spec.input_size), np.float32)
-    shapes = [m.shape[1:] for m in extractor.session.run(extractor.output_names, {extractor.input_name: probe})]
+    scales = []
+    for input_size, method in zip(detector.input_sizes, detector.methods_):
+        probe = np.zeros((1, 3, input_size, input_size), np.float32)
+        shapes = [m.shape[1:] for m in extractor.session.run(extractor.output_names, {extractor.input_name: probe})]
+        scales.append((input_size, method, shapes))
+    settings = detector.settings()
     metadata = {'threshold': repr(float(detector.threshold_)), 'threshold_source': detector.threshold_source_,
                 'backbone': spec.name, 'model': meta.get('model', ''), 'method': detector.method_.name,
                 'method_options': json.dumps(meta.get('method_options', {}), sort_keys=True),
-                'input_size': spec.input_size, 'resize_size': spec.resize_size,
+                'input_size': json.dumps(settings['input_size']), 'resize_size': json.dumps(settings['resize_size']),
                 'image_width': size[0], 'image_height': size[1], 'n_train_images': meta.get('n_train_images', ''),
                 'train_dir': meta.get('train_dir') or '', 'int8': str(detector.int8_backbone_ is not None).lower(),
                 'tool': 'mahalanobisad', 'version': version}
     if detector.pixel_threshold_ is not None:
         metadata['pixel_threshold'] = repr(float(detector.pixel_threshold_))
     backbone = extractor.onnx_path if detector.int8_backbone_ is None else detector.int8_backbone_
-    model = build_model(spec, backbone, detector.method_, shapes, size, detector.threshold_, metadata)
+    model = build_model(spec, backbone, scales, size, detector.threshold_, metadata, detector.footings_)
     size_bytes = save_model(model, path)
     logger.info('exported %s to %s (%.1f MB; input %d x %d RGB, threshold %.3f from %s)', detector.method_.name,
                 path, size_bytes / 2 ** 20, size[0], size[1], detector.threshold_, detector.threshold_source_)

@@ -3,11 +3,13 @@
 An .npz archive (whatever its name: `<train_dir>.pkl` by default, as the ailia sample names it) of
 plain arrays: `meta`, one JSON text saying what produced the fit (backbone, preprocessing, method and
 its parameters, training settings, held-out scores, thresholds), and the arrays the method declares
-(`AnomalyMethod.expected_state`); with an int8 backbone (meta `int8` true), `int8_backbone`, the
-quantized backbone's ONNX model as uint8 bytes, whose sha256 and size meta `int8_backbone` records.
-It is read with allow_pickle=False after checking every member's header, so loading one cannot
-execute code (the int8 backbone is parsed by onnxruntime, a protobuf: no code either); any fault is
-one FeatureFileError saying what is wrong.
+(`AnomalyMethod.expected_state`). A detector fitted at several input sizes holds one method per size:
+meta's input_size, resize_size and method_params are then lists (in ascending input size), each
+size's held-out scores are in scale_holdout, and each size's arrays carry the prefix `input<S>_`.
+With an int8 backbone (meta `int8` true), `int8_backbone` holds the quantized backbone's ONNX model as
+uint8 bytes, whose sha256 and size meta `int8_backbone` records. It is read with allow_pickle=False
+after checking every member's header, so loading one cannot execute code (the int8 backbone is parsed
+by onnxruntime, a protobuf: no code either); any fault is one FeatureFileError saying what is wrong.
 """
 import hashlib
 import io
@@ -29,7 +31,7 @@ FEATURE_FILE_VERSION = 3  # 3: method_params hold the feature shapes the arrays 
 # Settings that change the features themselves: a feature file fitted with others cannot be used.
 FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names', 'method', 'int8')
 # Settings of the fit: the CLI does not silently reuse a default-named feature file fitted with others.
-FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed', 'method_options', 'contamination')
+FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'aug_rotate', 'seed', 'method_options', 'contamination')
 # Largest feature file read, bytes of arrays once uncompressed (PatchCore banks of millions of patches fit).
 MAX_FEATURE_FILE_BYTES = 4 << 30
 MAX_META_CHARS = 1 << 20
@@ -43,12 +45,20 @@ def check_settings(name, meta, settings, keys, what, hint):
         raise FeatureFileError(f'{name} {what}: {"; ".join(differences)}; {hint}')
 
 
-def save(path, meta, method, int8_backbone=None):
-    """Write the fitted `method` and `meta` (a JSON-able dict saying what produced it) atomically;
-    int8_backbone: the quantized backbone (bytes) where meta['int8'] is true."""
-    header = dict(meta, format=FEATURE_FILE_FORMAT, version=FEATURE_FILE_VERSION,
-                  method=method.name, method_params=method.params)
-    arrays = method.state()
+def scale_prefixes(input_size):
+    """The array name prefix of each input size: '' for one size (meta's input_size an int), `input<S>_`
+    for each of several (a list)."""
+    return [f'input{size}_' for size in input_size] if isinstance(input_size, list) else ['']
+
+
+def save(path, meta, methods, int8_backbone=None):
+    """Write the fitted `methods` (one per input size in meta['input_size']) and `meta` (a JSON-able
+    dict saying what produced them) atomically; int8_backbone: the quantized backbone (bytes) where
+    meta['int8'] is true."""
+    header = dict(meta, format=FEATURE_FILE_FORMAT, version=FEATURE_FILE_VERSION, method=methods[0].name,
+                  method_params=methods[0].params if len(methods) == 1 else [m.params for m in methods])
+    arrays = {prefix + name: array for prefix, method in zip(scale_prefixes(meta.get('input_size')), methods)
+              for name, array in method.state().items()}
     if int8_backbone is not None:
         arrays[INT8_MEMBER] = np.frombuffer(int8_backbone, np.uint8)
     buffer = io.BytesIO()
@@ -57,10 +67,10 @@ def save(path, meta, method, int8_backbone=None):
 
 
 def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
-    """Read a feature file -> (meta dict, fitted AnomalyMethod, the int8 backbone (bytes) or None).
+    """Read a feature file -> (meta dict, [fitted AnomalyMethod per input size], the int8 backbone (bytes) or None).
 
     Everything is checked before any array is read: the archive's members must be exactly the
-    metadata and the arrays the method declares (`expected_state`), each with the declared shape
+    metadata and the arrays each size's method declares (`expected_state`), each with the declared shape
     and dtype as its .npy header states them, its stored size equal to what that header implies
     and all of them within `max_bytes`. Arrays are then read with allow_pickle=False (a pickle, or
     anything else, is refused, never executed) and must be finite; the int8 backbone's bytes must
@@ -82,10 +92,13 @@ def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
             if meta.get('version') != FEATURE_FILE_VERSION:
                 raise FeatureFileError(f'{path} has feature file version {meta.get("version")}, '
                                        f'this tool reads version {FEATURE_FILE_VERSION}; refit it')
-            method = _method_of(meta)
-            arrays = _read_state(archive, method, max_bytes, _int8_member(meta))
+            scales = _methods_of(meta)
+            expected = dict(_expected_state(scales), **_int8_member(meta))
+            arrays = _read_state(archive, expected, max_bytes, scales[0][1].name)
             int8_backbone = _int8_backbone(arrays.pop(INT8_MEMBER, None), meta)
-            method.load_state(arrays)
+            for prefix, method in scales:
+                method.load_state({name[len(prefix):]: array for name, array in arrays.items()
+                                   if name.startswith(prefix)})
     except FeatureFileError:
         raise
     except _DamagedFile as e:
@@ -94,7 +107,7 @@ def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
             NotImplementedError, TypeError, MemoryError) as e:
         what = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise FeatureFileError(f'{path}: damaged feature file: {what}') from None
-    return meta, method, int8_backbone
+    return meta, [method for _, method in scales], int8_backbone
 
 
 class _DamagedFile(ValueError):
@@ -122,19 +135,34 @@ def _read_meta(archive):
     return meta
 
 
-def _method_of(meta):
-    """The method named by `meta`, built from its params (checked by `expected_state`)."""
+def _methods_of(meta):
+    """[(array prefix, method)] per input size: the method named by `meta`, built from each size's
+    params (checked by `expected_state`)."""
     if meta.get('method') not in METHODS:
         raise FeatureFileError(f'feature file fitted with an unknown method {meta.get("method")!r}')
-    params = meta.get('method_params')
-    if not isinstance(params, dict):
+    sizes, params = meta.get('input_size'), meta.get('method_params')
+    if isinstance(sizes, list):
+        if not (isinstance(params, list) and len(params) == len(sizes) >= 2
+                and all(isinstance(p, dict) for p in params)):
+            raise _DamagedFile(f'method_params are not one object per input size {str(sizes)[:50]}')
+    elif not isinstance(params, dict):
         raise _DamagedFile('method_params is not an object')
-    method = METHODS[meta['method']](**params)
-    try:
-        method.expected_state()
-    except (ValueError, TypeError, KeyError, IndexError) as e:
-        raise _DamagedFile(f'{method.name} parameters: {e}') from None
-    return method
+    scales = []
+    for prefix, scale_params in zip(scale_prefixes(sizes), params if isinstance(sizes, list) else [params]):
+        method = METHODS[meta['method']](**scale_params)
+        try:
+            method.expected_state()
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise _DamagedFile(f'{method.name} parameters: {e}') from None
+        scales.append((prefix, method))
+    return scales
+
+
+def _expected_state(scales):
+    """{prefixed name: (shape, dtype)} of every size's arrays; a size the params leave open (a letter)
+    is its own per input size."""
+    return {prefix + name: (tuple(prefix + n if isinstance(n, str) else n for n in shape), dtype)
+            for prefix, method in scales for name, (shape, dtype) in method.expected_state().items()}
 
 
 def _open_member(archive, name):
@@ -208,17 +236,15 @@ def _int8_backbone(array, meta):
     return model_bytes
 
 
-def _read_state(archive, method, max_bytes, extra=None):
-    """The arrays `method` declares (`expected_state`), and those of `extra` ({name: (shape, dtype)}),
-    from `archive`, after checking every member."""
-    expected = dict(method.expected_state(), **(extra or {}))
+def _read_state(archive, expected, max_bytes, method_name):
+    """The arrays `expected` ({name: (shape, dtype)}) from `archive`, after checking every member."""
     members = {name[:-len('.npy')] for name in archive.namelist() if name.endswith('.npy')} - {'meta'}
     unexpected = sorted(set(archive.namelist()) - {f'{name}.npy' for name in expected} - {'meta.npy'})
     missing = sorted(set(expected) - members)
     if unexpected or missing:
         raise _DamagedFile('; '.join(part for part in (
             f'unexpected members {", ".join(unexpected)[:200]}' if unexpected else '',
-            f'missing arrays {", ".join(missing)[:200]}' if missing else '') if part) + f' for method {method.name}')
+            f'missing arrays {", ".join(missing)[:200]}' if missing else '') if part) + f' for method {method_name}')
     sizes, total = {}, 0
     for name, (shape, dtype) in expected.items():
         with _open_member(archive, f'{name}.npy') as f:
@@ -253,6 +279,46 @@ def _finite_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
+def _holdout_fault(record):
+    """What is wrong with the held-out scores of a feature file's meta (or of one entry of its
+    scale_holdout: holdout.HoldoutScores.to_meta), or None."""
+    holdout = record.get('holdout_thresholds')
+    if not (isinstance(holdout, dict) and _finite_number(holdout.get('image'))
+            and (holdout.get('pixel') is None or _finite_number(holdout['pixel']))):
+        return f'holdout_thresholds {str(holdout)[:100]} are not finite numbers'
+    scores = record.get('holdout_scores', [])
+    if not (isinstance(scores, list) and all(_finite_number(s) for s in scores)):
+        return 'holdout_scores are not a list of finite numbers'
+    maxima = record.get('holdout_pixel_maxima')
+    if maxima is not None and not (isinstance(maxima, list) and all(_finite_number(s) for s in maxima)):
+        return 'holdout_pixel_maxima are not a list of finite numbers'
+    return None
+
+
+def _sizes_fault(meta):
+    """What is wrong with a feature file's input sizes (one int, or several ascending, with one
+    resize_size and one scale_holdout entry of at least 2 held-out scores each), or None."""
+    def side(n):
+        return isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 16
+    sizes, resize = meta.get('input_size'), meta.get('resize_size')
+    if not isinstance(sizes, list):
+        return None if side(sizes) and side(resize) else \
+            f'input_size {str(sizes)[:50]} and resize_size {str(resize)[:50]} are not image sides'
+    if not (2 <= len(sizes) <= 16 and all(side(n) for n in sizes) and sizes == sorted(set(sizes))
+            and isinstance(resize, list) and len(resize) == len(sizes) and all(side(n) for n in resize)):
+        return f'input_size {str(sizes)[:50]} and resize_size {str(resize)[:50]} are not ascending image sides'
+    scales = meta.get('scale_holdout')
+    if not (isinstance(scales, list) and len(scales) == len(sizes) and all(isinstance(h, dict) for h in scales)):
+        return 'scale_holdout is not one record of held-out scores per input size'
+    for size, record in zip(sizes, scales):
+        fault = _holdout_fault(record)
+        if not fault and not (isinstance(record.get('holdout_scores'), list) and len(record['holdout_scores']) >= 2):
+            fault = 'holdout_scores are fewer than 2'
+        if fault:
+            return f'scale_holdout of input size {size}: {fault}'
+    return None
+
+
 def check_meta(path, meta):
     """FeatureFileError "<path>: damaged feature file: <what>" unless the Detector's own entries of a
     feature file's metadata are what `Detector.fit` and `save` write."""
@@ -262,23 +328,22 @@ def check_meta(path, meta):
         damaged(f'bit_depth {meta.get("bit_depth")!r} is not one of 8, {", ".join(map(str, image_utils.HIGH_BIT_DEPTHS))}')
     if not isinstance(meta.get('n_train_images'), int) or meta['n_train_images'] < 2:
         damaged(f'n_train_images {meta.get("n_train_images")!r} is not a count of at least 2')
-    holdout = meta.get('holdout_thresholds')
-    if not (isinstance(holdout, dict) and _finite_number(holdout.get('image'))
-            and (holdout.get('pixel') is None or _finite_number(holdout['pixel']))):
-        damaged(f'holdout_thresholds {str(holdout)[:100]} are not finite numbers')
+    fault = _holdout_fault(meta)
+    if fault:
+        damaged(fault)
     stored = meta.get('thresholds')
     if stored is not None and not (isinstance(stored, dict) and isinstance(stored.get('source'), str)
                                    and (stored.get('image') is None or _finite_number(stored['image']))
                                    and (stored.get('pixel') is None or _finite_number(stored['pixel']))):
         damaged(f'thresholds {str(stored)[:100]} are not finite numbers with a source')
-    scores = meta.get('holdout_scores', [])
-    if not (isinstance(scores, list) and all(_finite_number(s) for s in scores)):
-        damaged('holdout_scores are not a list of finite numbers')
     if not isinstance(meta.get('method_options', {}), dict):
         damaged('method_options is not an object')
-    maxima = meta.get('holdout_pixel_maxima')
-    if maxima is not None and not (isinstance(maxima, list) and all(_finite_number(s) for s in maxima)):
-        damaged('holdout_pixel_maxima are not a list of finite numbers')
+    fault = _sizes_fault(meta)
+    if fault:
+        damaged(fault)
+    rotation = meta.get('aug_rotate')
+    if rotation is not None and not (_finite_number(rotation) and 0 <= rotation <= 180):
+        damaged(f'aug_rotate {str(rotation)[:50]} is not a number of degrees in 0..180')
     excluded = meta.get('excluded_train_images', [])
     if not (isinstance(excluded, list) and all(isinstance(name, str) for name in excluded)):
         damaged('excluded_train_images is not a list of names')

@@ -31,7 +31,8 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 MASK_SUFFIXES = ('', '_mask')
-AUG_MAX_ROTATION_DEG = 10.0
+AUG_MAX_ROTATION_DEG = 10.0  # the augmentation's default rotation range, +- degrees
+CROP_FRACTION = 0.875  # the network's view: the centre 87.5% of the resized image's shorter side
 # Larger images are refused from their header, before decoding (--max_pixels): 8192 x 8192.
 DEFAULT_MAX_PIXELS = 8192 * 8192
 OPENCV_MAX_PIXELS = 1 << 30  # OpenCV refuses larger images itself (OPENCV_IO_MAX_IMAGE_PIXELS)
@@ -470,13 +471,20 @@ def load_view(path, resize_size, crop_size, bit_depth=None, max_pixels=DEFAULT_M
     8 (training images all 8-bit): a 16-bit image is scaled by the smallest of 10, 12, 14, 16 bits
     that holds its largest value, with a warning. None: full-range 16-bit, no warning.
     """
+    views, shape = load_views(path, [(resize_size, crop_size)], bit_depth, max_pixels)
+    return views[0], shape
+
+
+def load_views(path, geometries, bit_depth=None, max_pixels=DEFAULT_MAX_PIXELS):
+    """`load_view` at several (resize_size, crop_size) geometries from one decoding -> ([view per
+    geometry], the image's (H, W))."""
     with _checked(path, max_pixels) as (_, decode):
         image = decode()
         full_scale = _uint16_full_scale(image, bit_depth, path) if image.dtype == np.uint16 else None
-        view = network_view(image, resize_size, crop_size)
+        views = [network_view(image, resize_size, crop_size) for resize_size, crop_size in geometries]
         shape = image.shape[:2]
         del image
-    return _to_rgb(_to_uint8(np.ascontiguousarray(view), full_scale)), shape
+    return [_to_rgb(_to_uint8(np.ascontiguousarray(view), full_scale)) for view in views], shape
 
 
 HIGH_BIT_DEPTHS = (10, 12, 14, 16)
@@ -593,6 +601,12 @@ def to_tensor(image, mean, std):
     return (image.astype(np.float32) * scale - offset).transpose(2, 0, 1)
 
 
+def resize_size_for(input_size):
+    """The side the shorter image side is resized to before the centre crop to `input_size`: the
+    ImageNet recipe's 0.875 crop (224 -> 256, 384 -> 439), at every input size."""
+    return int(round(input_size / CROP_FRACTION))
+
+
 def network_view(image, resize_size, crop_size):
     """What the network sees of an image: shorter side to resize_size, centre crop_size square."""
     return center_crop(resize_short_side(image, resize_size), crop_size)
@@ -604,69 +618,93 @@ def mask_view(mask, resize_size, crop_size):
     return center_crop(resized, crop_size) > 0
 
 
-def augment(image, rng, resize_size, crop_size):
-    """A randomly rotated (+-10 deg) and randomly cropped network view of `image`.
+def augment(image, rng, resize_size, crop_size, max_rotation=AUG_MAX_ROTATION_DEG):
+    """A randomly rotated (uniform in +-max_rotation degrees) and randomly cropped network view of `image`.
 
     rng: np.random.Generator; the same generator state gives the same view.
     """
     resized = resize_short_side(image, resize_size)
     h, w = resized.shape[:2]
-    angle = rng.uniform(-AUG_MAX_ROTATION_DEG, AUG_MAX_ROTATION_DEG)
+    angle = rng.uniform(-max_rotation, max_rotation)
     rotation = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
     rotated = cv2.warpAffine(resized, rotation, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     top, left = rng.integers(0, h - crop_size + 1), rng.integers(0, w - crop_size + 1)
     return rotated[top:top + crop_size, left:left + crop_size]
 
 
+def check_rotation(degrees):
+    """An augmentation's rotation range, a number of degrees in [0, 180] -> float; else UsageError."""
+    try:
+        value = None if isinstance(degrees, bool) else float(degrees)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0 <= value <= 180:  # NaN fails both comparisons
+        raise UsageError(f'aug_rotate must be a number of degrees in 0..180, got {degrees!r}')
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the network's input, for one backbone and one fit.
+    """How an image becomes the network's input, for one backbone and one fit, at one or more scales.
 
-    input_size: side S of the square network view; resize_size: the shorter side is resized to this
-    first (input_size / 0.875); mean, std: the backbone's normalisation; bit_depth: significant bits of
-    16-bit files (load_view's policy; None before a fit has learnt it); max_pixels: larger files are
-    refused from their header. Images are file paths or RGB uint8 arrays (H, W, 3) of any size.
+    input_sizes: the sides S of the square network views, one per scale, ascending: each view is the
+    image with its shorter side resized to resize_size_for(S), centre-cropped to S (the same region of
+    the image at every S, to within a pixel); an image is decoded once for all of them. mean, std: the
+    backbone's normalisation; bit_depth: significant bits of 16-bit files (load_view's policy; None
+    before a fit has learnt it); max_pixels: larger files are refused from their header; max_rotation:
+    the augmentation's rotation range, degrees. Images are file paths or RGB uint8 arrays (H, W, 3) of
+    any size. Masks and maps are in the geometry of the largest view (output_size).
     """
-    input_size: int
-    resize_size: int
+    input_sizes: tuple
     mean: tuple
     std: tuple
     bit_depth: int = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_rotation: float = AUG_MAX_ROTATION_DEG
 
-    def view(self, image):
-        """A path or an RGB uint8 array -> (network view (S, S, 3) uint8 RGB, the image's (H, W))."""
+    @property
+    def geometries(self):
+        """[(resize_size, input_size)] per scale."""
+        return [(resize_size_for(size), size) for size in self.input_sizes]
+
+    @property
+    def output_size(self):
+        """Side of the largest view: the geometry of masks, maps and the view shown in figures."""
+        return max(self.input_sizes)
+
+    def views(self, image):
+        """A path or an RGB uint8 array -> ([network view (S, S, 3) uint8 RGB per scale], the image's (H, W))."""
         if isinstance(image, np.ndarray):
             image = check_rgb_array(image)
-            return network_view(image, self.resize_size, self.input_size), image.shape[:2]
-        return load_view(os.fspath(image), self.resize_size, self.input_size, self.bit_depth, self.max_pixels)
+            return [network_view(image, *geometry) for geometry in self.geometries], image.shape[:2]
+        return load_views(os.fspath(image), self.geometries, self.bit_depth, self.max_pixels)
 
     def training_views(self, image, index, copies, seed):
-        """All views of one training image, decoded once: the plain one, then `copies` augmented ones
-        (seeded per (seed, index, copy): the same views whatever the thread order); and its (H, W)."""
+        """All views of one training image, decoded once -> ([[the plain view, then `copies` augmented
+        ones] per scale], its (H, W)). The augmented views are seeded per (seed, index, copy): the same
+        views whatever the thread order."""
         if not copies:
-            view, shape = self.view(image)
-            return [view], shape
+            views, shape = self.views(image)
+            return [[view] for view in views], shape
         image = (check_rgb_array(image) if isinstance(image, np.ndarray)
                  else load_image(os.fspath(image), self.bit_depth, self.max_pixels))
-        views = [network_view(image, self.resize_size, self.input_size)]
-        for copy in range(1, 1 + copies):
-            views.append(augment(image, np.random.default_rng([seed, index, copy]), self.resize_size,
-                                 self.input_size))
-        return views, image.shape[:2]
+        return [[network_view(image, resize_size, size)]
+                + [augment(image, np.random.default_rng([seed, index, copy]), resize_size, size, self.max_rotation)
+                   for copy in range(1, 1 + copies)]
+                for resize_size, size in self.geometries], image.shape[:2]
 
     def mask_view(self, mask, image_shape):
-        """A mask path or bool array of the image's (H, W) -> (S, S) bool in the view's geometry.
+        """A mask path or bool array of the image's (H, W) -> (S, S) bool in the largest view's geometry.
         UsageError if it cannot be used: broken ground truth would bias the thresholds."""
         try:
             mask = (load_mask(os.fspath(mask), image_shape, self.max_pixels) if not isinstance(mask, np.ndarray)
                     else check_mask_array(mask, image_shape))
         except ImageError as e:
             raise UsageError(f'ground truth unusable: {e}') from None
-        return mask_view(mask, self.resize_size, self.input_size)
+        return mask_view(mask, resize_size_for(self.output_size), self.output_size)
 
     def tensors(self, views):
-        """Views [(S, S, 3) uint8] -> the backbone's input (N, 3, S, S) float32, normalised."""
+        """Views [(S, S, 3) uint8] of one scale -> the backbone's input (N, 3, S, S) float32, normalised."""
         return np.stack([to_tensor(view, self.mean, self.std) for view in views])
 
 

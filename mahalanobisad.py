@@ -57,8 +57,8 @@ def parse_args(argv=None):
                         f'--watch (default {DEFAULT_MULTI_SAVEPATH}/); annotated video for -v '
                         f'(default {DEFAULT_VIDEO_SAVEPATH})')
     p.add_argument('-f', '--feat', type=cli.output_file, default=None,
-                   help='feature file of fitted statistics, reused if it exists '
-                        '(default <train_dir name>.pkl, <train_dir name>_<method>.pkl for other methods)')
+                   help='feature file of fitted statistics, reused if it exists (default <train_dir name>.pkl, '
+                        '<train_dir name>_<method>.pkl for other methods, _<sizes> appended with --input_size)')
     p.add_argument('-tr', '--train_dir', default='train', help='directory of good training images')
     p.add_argument('-th', '--threshold', type=cli.finite_float, default=None,
                    help='image score threshold; overrides the one derived from --test_dir/--gt_dir')
@@ -99,8 +99,11 @@ def parse_args(argv=None):
 
 def feature_file_path(args):
     """--feat, or <train_dir name>.pkl (<train_dir name>_<method>.pkl for methods other than mahalanobis;
-    _int8 added with --int8)."""
-    suffix = ('' if args.method == 'mahalanobis' else '_' + args.method) + ('_int8' if args.int8 else '')
+    with --input_size, the sizes appended, and _int8 with --int8: train_patchcore_224-384_int8.pkl)."""
+    suffix = '' if args.method == 'mahalanobis' else '_' + args.method
+    if args.input_size:
+        suffix += '_' + '-'.join(map(str, sorted(args.input_size)))
+    suffix += '_int8' if args.int8 else ''
     return args.feat or os.path.basename(os.path.normpath(args.train_dir)) + suffix + '.pkl'
 
 
@@ -111,7 +114,7 @@ def load_or_fit(detector, args):
     if os.path.exists(feat_path):
         fitted = Detector.load(feat_path, model=args.model, method=args.method, model_dir=args.model_dir,
                                model_url=args.model_url, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                               provider=detector.provider, int8=args.int8 or None)
+                               provider=detector.provider, int8=args.int8 or None, input_size=args.input_size)
         if args.feat is None:
             wanted = dict(detector.settings(), train_dir=os.path.abspath(args.train_dir))
             check_settings(feat_path, fitted.meta_, wanted, FIT_SETTINGS, 'was fitted differently',

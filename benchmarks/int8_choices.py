@@ -30,7 +30,6 @@ from sklearn.metrics import roc_auc_score
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import anomaly_model  # noqa: E402
-import holdout  # noqa: E402
 import image_utils  # noqa: E402
 import model_utils  # noqa: E402
 import quantize  # noqa: E402
@@ -63,11 +62,11 @@ class Category:
 
     def __init__(self, root, spec, onnx_path):
         self.name = os.path.basename(root)
-        self.pre = image_utils.Preprocessing(spec.input_size, spec.resize_size, spec.mean, spec.std, 8)
-        self.train = [self.pre.view(p)[0] for p in image_utils.list_images(os.path.join(root, 'train'))]
+        self.pre = image_utils.Preprocessing((spec.input_size,), spec.mean, spec.std, 8)
+        self.train = [self.pre.views(p)[0][0] for p in image_utils.list_images(os.path.join(root, 'train'))]
         test_dir = os.path.join(root, 'test')
         test_paths = image_utils.list_images(test_dir)
-        self.test = [self.pre.view(p)[0] for p in test_paths]
+        self.test = [self.pre.views(p)[0][0] for p in test_paths]
         masks = [image_utils.find_mask(p, test_dir, os.path.join(root, 'ground_truth')) for p in test_paths]
         self.masks = np.stack([np.zeros(self.test[0].shape[:2], bool) if m is None
                                else self.pre.mask_view(m, image_utils.load_image(p).shape[:2])
@@ -108,9 +107,9 @@ class Category:
         result = {}
         for name in ('padim', 'patchcore'):
             method = anomaly_model.make_method(name)
-            method.configure([m.shape[1:] for m in train_maps], self.pre.input_size)
-            method.fit(method.features(train_maps), folds=holdout.holdout_folds(np.arange(len(self.train))))
-            scores, maps = method.score(method.features(test_maps), self.pre.input_size)
+            method.configure([m.shape[1:] for m in train_maps], self.pre.output_size)
+            method.fit(method.features(train_maps))
+            scores, maps = method.score(method.features(test_maps), self.pre.output_size)
             result[name] = (round(roc_auc_score(labels, scores), 4),
                             round(roc_auc_score(self.masks.ravel(), maps.ravel()), 4))
         return result

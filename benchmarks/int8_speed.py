@@ -75,7 +75,7 @@ def time_export(model, images, batch):
 
 def time_backbone(feat, images, model_dir):
     detector = Detector.load(feat, model_dir=model_dir)
-    tensors = detector.preprocessing.tensors([detector.preprocessing.view(image)[0] for image in images])
+    tensors = detector.preprocessing.tensors([detector.preprocessing.views(image)[0][0] for image in images])
     extractor = detector.extractor
     extractor(tensors[:16])  # warm-up
     start = time.perf_counter()

@@ -42,11 +42,12 @@ def main(folder, max_pixels):
             traceback.print_exc()
 
     def score(path):
-        meta, method, _ = feature_file.load(path)
+        meta, methods, _ = feature_file.load(path)
         feature_file.check_meta(path, meta)
-        scores, _ = method.score(method.features(maps), hostile.INPUT_SIZE)
-        if not np.isfinite(scores).all():
-            raise AssertionError('a loaded feature file gave scores that are not finite')
+        for method in methods:
+            scores, _ = method.score(method.features(maps), hostile.INPUT_SIZE)
+            if not np.isfinite(scores).all():
+                raise AssertionError('a loaded feature file gave scores that are not finite')
 
     images = sorted(os.listdir(os.path.join(folder, 'images')))
     for name in images:

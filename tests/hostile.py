@@ -11,6 +11,7 @@ import numpy as np
 
 import anomaly_model
 import feature_file
+import image_utils
 
 # A backbone of input 128 with outputs of stride 4..32, small enough to fit every method in milliseconds.
 SHAPES = [(4, 32, 32), (6, 16, 16), (8, 8, 8), (10, 4, 4)]
@@ -146,7 +147,8 @@ def fitted(name, seed=0):
     method.configure(SHAPES, INPUT_SIZE)
     maps = [rng.standard_normal((8,) + shape).astype(np.float32) for shape in SHAPES]
     method.fit(method.features(maps))
-    return {'backbone': 'synthetic', 'n_train_images': 8, 'bit_depth': 8, 'holdout_scores': [0.5, 1.0],
+    return {'backbone': 'synthetic', 'input_size': INPUT_SIZE, 'resize_size': image_utils.resize_size_for(INPUT_SIZE),
+            'n_train_images': 8, 'bit_depth': 8, 'holdout_scores': [0.5, 1.0],
             'holdout_thresholds': {'image': 1.0, 'pixel': 1.0},
             'thresholds': {'image': 1.5, 'pixel': 2.0, 'source': 'test'}}, method
 

@@ -117,9 +117,9 @@ def fitted_method():
 def test_feature_file_round_trip(tmp_path):
     meta, method, maps = fitted_method()
     path = str(tmp_path / 'train.pkl')
-    feature_file.save(path, meta, method)
+    feature_file.save(path, meta, [method])
     assert os.listdir(tmp_path) == ['train.pkl']  # no temporary file left behind
-    loaded_meta, loaded, int8_backbone = feature_file.load(path)
+    loaded_meta, (loaded,), int8_backbone = feature_file.load(path)
     assert loaded_meta['backbone'] == 'x' and loaded_meta['version'] == feature_file.FEATURE_FILE_VERSION
     assert loaded.name == 'mahalanobis' and loaded.params == method.params and int8_backbone is None
     features = method.features([m[:3] for m in maps])
@@ -149,7 +149,7 @@ def test_pickle_inside_an_npz_is_refused_and_never_runs(tmp_path):
 def test_feature_file_version_and_format_checked(tmp_path):
     meta, method, _ = fitted_method()
     path = str(tmp_path / 'f.pkl')
-    feature_file.save(path, meta, method)
+    feature_file.save(path, meta, [method])
     content = dict(np.load(path))
     version = f'"version": {feature_file.FEATURE_FILE_VERSION}'
     content['meta'] = np.array(str(content['meta']).replace(version, '"version": 99'))

@@ -136,7 +136,7 @@ def test_exported_patchcore_falls_back_to_the_exact_search_where_probed_lists_ar
     exact nearest patch."""
     detector = fitted['patchcore']
     method = detector.method_
-    views = [detector.preprocessing.view(path)[0] for path in SAMPLE]
+    views = [detector.preprocessing.views(path)[0][0] for path in SAMPLE]
     patches = method.features(detector.extractor(detector.preprocessing.tensors(views)))['patches']
     queries = patches.reshape(-1, patches.shape[-1])
     farthest = queries[np.argsort(-nearest_neighbours.nearest_distances(queries, method.bank_)[0])[:4]]

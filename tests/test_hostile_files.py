@@ -175,7 +175,7 @@ def test_every_method_declares_exactly_the_state_it_saves(name):
 def test_every_method_round_trips(tmp_path, name):
     meta, method = hostile.fitted(name)
     path = write(tmp_path / 'f.pkl', hostile.feature_file_bytes(meta, method))
-    _, loaded, _ = feature_file.load(path)
+    _, (loaded,), _ = feature_file.load(path)
     maps = [np.random.default_rng(2).standard_normal((2,) + s).astype(np.float32) for s in hostile.SHAPES]
     np.testing.assert_array_equal(method.score(method.features(maps), 128)[0], loaded.score(loaded.features(maps), 128)[0])
 
@@ -365,7 +365,7 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
         path = str(tmp_path / 'out.json')
         file_io.atomic_write_bytes(path, b'{}')
         meta, method = hostile.fitted('mahalanobis')
-        feature_file.save(str(tmp_path / 'f.pkl'), meta, method)
+        feature_file.save(str(tmp_path / 'f.pkl'), meta, [method])
         plot_utils.save_figure(str(tmp_path / 'fig.png'), np.zeros((16, 16, 3), np.uint8), None, None, 1.0, 2.0, None)
     finally:
         os.umask(previous)

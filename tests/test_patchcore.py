@@ -111,10 +111,10 @@ def test_holdout_searches_the_bank_without_the_images_own_patches(exact):
 def test_feature_file_round_trip_with_an_index(tmp_path):
     method, features, _ = fitted_patchcore()
     path = str(tmp_path / 'patchcore.pkl')
-    feature_file.save(path, {'backbone': 'x'}, method)
+    feature_file.save(path, {'backbone': 'x'}, [method])
     with np.load(path, allow_pickle=False) as archive:  # plain numeric arrays only
         assert archive['bank_centroids'].dtype == np.float32 and archive['memory_bank'].dtype == np.float32
-    _, loaded, _ = feature_file.load(path)
+    _, (loaded,), _ = feature_file.load(path)
     assert loaded.index_.index is not None
     test = {'patches': features['patches'][:5] + 0.5}
     for a, b in zip(method.score(test, 64), loaded.score(test, 64)):
