@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 import anomaly_model
+import conditions
 import export_onnx
 import feature_file
 import holdout
@@ -49,7 +50,9 @@ class Inspection:
     view: the network's view of the image, RGB uint8 (S, S, 3), S = the backbone's input size;
     anomaly_map: pixel anomaly scores (S, S) float32, or None for a method without maps;
     gt_mask: ground truth (S, S) bool when a mask was given (None: no mask, i.e. normal);
-    error: why the input could not be read (then score, anomaly, view and map are None).
+    error: why the input could not be read (then score, anomaly, view and map are None);
+    conditions: the view's brightness, contrast and sharpness against the training images' range
+    (conditions.Conditions; its drift is None for a feature file from before ranges were kept).
     """
     index: int
     path: str = None
@@ -59,6 +62,7 @@ class Inspection:
     anomaly_map: np.ndarray = None
     gt_mask: np.ndarray = None
     error: str = None
+    conditions: 'conditions.Conditions' = None
 
 
 def pixel_arrays(results):
@@ -111,13 +115,15 @@ def _length(items):
 class _TrainingFeatures:
     """What the fit reads from its images. features: the method's {name: (N, ...)} over the N views;
     groups (N,): each view's image index; plain (N,) bool: the unaugmented view; names {index: shown
-    name}; image_sizes {(W, H)}; screen: the method whose held-out scores find defective images, and
-    screen_features its features of the plain views (None where screen is the method itself)."""
+    name}; image_sizes {(W, H)}; measures {index: (3,) conditions.measure of its plain view}; screen:
+    the method whose held-out scores find defective images, and screen_features its features of the
+    plain views (None where screen is the method itself)."""
     features: dict
     groups: np.ndarray
     plain: np.ndarray
     names: dict
     image_sizes: set
+    measures: dict
     screen: anomaly_model.AnomalyMethod
     screen_features: dict = None
 
@@ -141,8 +147,9 @@ class Detector:
     backbone, settings, n_train_images, held-out scores, excluded_train_images), thresholds_ (the
     thresholds.Thresholds deciding verdicts; threshold_, pixel_threshold_, threshold_source_ and
     target_fpr_ read them), bit_depth_ (significant bits of 16-bit image files, learnt from the
-    training images: 8 when they were all 8-bit; see image_utils.load_view), loaded_from_ (the feature
-    file `load` read, or None).
+    training images: 8 when they were all 8-bit; see image_utils.load_view), conditions_ (the training
+    images' range of brightness, contrast and sharpness, conditions.ConditionRange; None for a feature
+    file from before it was kept), loaded_from_ (the feature file `load` read, or None).
 
     images, everywhere: an iterable of file paths and/or RGB uint8 arrays (H, W, 3) of any size,
     streamed through a bounded thread pool (memory flat in the number of images, decoding overlapped
@@ -171,7 +178,7 @@ class Detector:
         self.provider = provider
         self.contamination = holdout.check_contamination(contamination)
         self.max_pixels = int(max_pixels)
-        self.method_ = self.meta_ = self.thresholds_ = self.bit_depth_ = self.loaded_from_ = None
+        self.method_ = self.meta_ = self.thresholds_ = self.bit_depth_ = self.conditions_ = self.loaded_from_ = None
 
     # ------------------------------------------------------------------------------------------
     # backbone, preprocessing and settings
@@ -255,11 +262,12 @@ class Detector:
         held_out = held_out or holdout.HoldoutScores(*holdout.holdout_scores(method, features, groups,
                                                                              self.spec.input_size, seed=self.seed))
         self.method_ = method
+        self.conditions_ = conditions.ConditionRange.fit([training.measures[i] for i in np.unique(groups)])
         self.meta_ = dict(self.settings(), model=self.model, train_dir=source, n_train_images=n_images - len(excluded),
                           bit_depth=self.bit_depth_, **held_out.to_meta(),
                           excluded_train_images=[training.names[group] for group, _, _ in excluded],
                           train_image_size=(list(training.image_sizes.pop()) if len(training.image_sizes) == 1
-                                            else None))
+                                            else None), conditions=self.conditions_.to_meta())
         self.thresholds_ = thresholds.from_holdout(held_out, localizes=self.localizes, log=False)
         return self
 
@@ -267,7 +275,7 @@ class Detector:
         """Stream the training images through the backbone -> _TrainingFeatures; configures `method`
         (and the screening method) on the first batch's feature maps."""
         preprocessing, extractor = self.preprocessing, self.extractor
-        batches, screen_batches, groups, plain_rows, names, image_sizes = [], [], [], [], {}, set()
+        batches, screen_batches, groups, plain_rows, names, image_sizes, measures = [], [], [], [], {}, set(), {}
         screen = method
         with tqdm(total=_length(images), desc='fit: features', unit='img') as progress, \
                 threadpool_limits(1, 'blas'):
@@ -286,6 +294,7 @@ class Detector:
                     plain += [True] + [False] * (len(item_views) - 1)
                     groups += [index] * len(item_views)
                     image_sizes.add((width, height))
+                    measures[index] = conditions.measure(item_views[0])
                 for start in range(0, len(views), self.batch_size):
                     feature_maps = extractor(preprocessing.tensors(views[start:start + self.batch_size]))
                     if not batches:
@@ -297,7 +306,7 @@ class Detector:
                         screen_batches.append(screen.features([m[plain_views] for m in feature_maps]))
                 plain_rows += plain
         return _TrainingFeatures(anomaly_model.concatenate_features(batches) if batches else {}, np.array(groups),
-                                 np.array(plain_rows, bool), names, image_sizes, screen,
+                                 np.array(plain_rows, bool), names, image_sizes, measures, screen,
                                  anomaly_model.concatenate_features(screen_batches) if screen_batches else None)
 
     def _leave_out_defective(self, training, method):
@@ -394,7 +403,8 @@ class Detector:
                         yield Inspection(index, path, error=str(loaded))
                         continue
                     score, view, anomaly_map, gt_mask = scored[index]
-                    yield Inspection(index, path, score, bool(score >= self.threshold_), view, anomaly_map, gt_mask)
+                    yield Inspection(index, path, score, bool(score >= self.threshold_), view, anomaly_map, gt_mask,
+                                     conditions=conditions.judge(conditions.measure(view), self.conditions_))
 
     def _check_feature_shapes(self, feature_maps):
         """FeatureFileError unless the backbone's maps have the shapes the fitted state was built on
@@ -521,6 +531,7 @@ class Detector:
                                     'cannot be used with this backbone and method',
                                     'pass --feat with a new file name to fit one')
         detector.method_, detector.meta_, detector.bit_depth_ = fitted, meta, meta['bit_depth']
+        detector.conditions_ = conditions.ConditionRange.from_meta(meta.get('conditions'))
         detector.loaded_from_ = path
         detector.thresholds_ = (thresholds.Thresholds.from_meta(meta.get('thresholds'), detector.localizes)
                                 or thresholds.from_holdout(detector.holdout_, localizes=detector.localizes, log=False))
