@@ -115,15 +115,17 @@ def _length(items):
 class _TrainingFeatures:
     """What the fit reads from its images. features: the method's {name: (N, ...)} over the N views;
     groups (N,): each view's image index; plain (N,) bool: the unaugmented view; names {index: shown
-    name}; image_sizes {(W, H)}; measures {index: (3,) conditions.measure of its plain view}; screen:
-    the method whose held-out scores find defective images, and screen_features its features of the
-    plain views (None where screen is the method itself)."""
+    name}; image_sizes {(W, H)}; measures {index: (3,) conditions.measure of its plain view} and pooled
+    [(n, C)] conditions.stride_maps of the plain views, rows in that order; screen: the method whose
+    held-out scores find defective images, and screen_features its features of the plain views (None
+    where screen is the method itself)."""
     features: dict
     groups: np.ndarray
     plain: np.ndarray
     names: dict
     image_sizes: set
     measures: dict
+    pooled: list
     screen: anomaly_model.AnomalyMethod
     screen_features: dict = None
 
@@ -262,7 +264,9 @@ class Detector:
         held_out = held_out or holdout.HoldoutScores(*holdout.holdout_scores(method, features, groups,
                                                                              self.spec.input_size, seed=self.seed))
         self.method_ = method
-        self.conditions_ = conditions.ConditionRange.fit([training.measures[i] for i in np.unique(groups)])
+        kept_images = np.isin(list(training.measures), np.unique(groups))
+        self.conditions_ = conditions.ConditionRange.fit(np.array(list(training.measures.values()))[kept_images],
+                                                         [p[kept_images] for p in training.pooled], seed=self.seed)
         self.meta_ = dict(self.settings(), model=self.model, train_dir=source, n_train_images=n_images - len(excluded),
                           bit_depth=self.bit_depth_, **held_out.to_meta(),
                           excluded_train_images=[training.names[group] for group, _, _ in excluded],
@@ -276,6 +280,7 @@ class Detector:
         (and the screening method) on the first batch's feature maps."""
         preprocessing, extractor = self.preprocessing, self.extractor
         batches, screen_batches, groups, plain_rows, names, image_sizes, measures = [], [], [], [], {}, set(), {}
+        pooled_batches = []
         screen = method
         with tqdm(total=_length(images), desc='fit: features', unit='img') as progress, \
                 threadpool_limits(1, 'blas'):
@@ -304,9 +309,12 @@ class Detector:
                     plain_views = np.array(plain[start:start + self.batch_size])
                     if screen is not method and plain_views.any():  # plain views only: one score per image
                         screen_batches.append(screen.features([m[plain_views] for m in feature_maps]))
+                    pooled_batches.append([p[plain_views] for p in conditions.stride_maps(feature_maps,
+                                                                                          self.spec.input_size)])
                 plain_rows += plain
         return _TrainingFeatures(anomaly_model.concatenate_features(batches) if batches else {}, np.array(groups),
-                                 np.array(plain_rows, bool), names, image_sizes, measures, screen,
+                                 np.array(plain_rows, bool), names, image_sizes, measures,
+                                 [np.concatenate(level) for level in zip(*pooled_batches)], screen,
                                  anomaly_model.concatenate_features(screen_batches) if screen_batches else None)
 
     def _leave_out_defective(self, training, method):
@@ -394,7 +402,9 @@ class Detector:
                     self._check_feature_shapes(feature_maps)
                     with timer('scoring'):
                         scores, maps = method.score(method.features(feature_maps), output_size)
-                    scored = {index: (float(score), view, None if maps is None else maps[i], gt_mask)
+                        ratios = self.conditions_ and self.conditions_.feature_ratios(feature_maps, output_size)
+                    scored = {index: (float(score), view, None if maps is None else maps[i], gt_mask,
+                                      None if ratios is None else ratios[i])
                               for i, ((index, (view, gt_mask)), score) in enumerate(zip(good, scores))}
                 for (index, (image, _)), loaded in batch:
                     path = None if isinstance(image, np.ndarray) else os.fspath(image)
@@ -402,9 +412,9 @@ class Detector:
                         logger.warning('skipping: %s', loaded)
                         yield Inspection(index, path, error=str(loaded))
                         continue
-                    score, view, anomaly_map, gt_mask = scored[index]
+                    score, view, anomaly_map, gt_mask, ratio = scored[index]
                     yield Inspection(index, path, score, bool(score >= self.threshold_), view, anomaly_map, gt_mask,
-                                     conditions=conditions.judge(conditions.measure(view), self.conditions_))
+                                     conditions=conditions.judge(conditions.measure(view), self.conditions_, ratio))
 
     def _check_feature_shapes(self, feature_maps):
         """FeatureFileError unless the backbone's maps have the shapes the fitted state was built on

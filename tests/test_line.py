@@ -11,13 +11,10 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 from fastapi.testclient import TestClient
 
@@ -32,72 +29,10 @@ from detector import Detector
 from errors import FeatureFileError, OutboxError, UsageError
 from outbox import Outbox
 from tests.conftest import REPO
+from tests.line_parts import Broker, Receiver, Subscriber, free_port, wait_for
 
-MOSQUITTO = shutil.which('mosquitto') or '/usr/sbin/mosquitto'
 FAST_RETRY = (0.05, 0.2)
 SAMPLE = os.path.join(REPO, 'images', 'broken_large_000.png')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, timeout=30, what='the condition'):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f'timed out waiting for {what}'
-        time.sleep(0.02)
-
-
-class Broker:
-    """Debian's mosquitto on a free loopback port. Persistence on, so that a subscriber's session and
-    the messages queued for it survive the broker being stopped and started again."""
-
-    def __init__(self, folder, port=None):
-        assert os.path.exists(MOSQUITTO), 'Debian mosquitto is needed: apt-get install mosquitto (see .ci/run)'
-        self.port, self.process = port or free_port(), None
-        self.config = os.path.join(folder, 'mosquitto.conf')
-        with open(self.config, 'w') as f:
-            f.write(f'listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n'
-                    f'persistence_location {folder}/\nmax_queued_messages 100000\n')
-
-    def start(self):
-        self.process = subprocess.Popen([MOSQUITTO, '-c', self.config], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-
-        def accepting():
-            with socket.socket() as s:
-                return s.connect_ex(('127.0.0.1', self.port)) == 0
-        wait_for(accepting, 10, 'mosquitto to listen')
-        return self
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(10)
-
-
-class Subscriber:
-    """A QoS 1 subscriber with a persistent session on `topic`: the JSON messages in `messages`."""
-
-    def __init__(self, port, topic='line3/verdicts'):
-        self.messages = []
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f'test-{port}', clean_session=False)
-        self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=1)
-        self.client.on_message = lambda client, userdata, m: self.messages.append(json.loads(m.payload))
-        self.client.reconnect_delay_set(0.05, 0.2)
-        self.client.connect('127.0.0.1', port)
-        self.client.loop_start()
-        wait_for(self.client.is_connected, 10, 'the subscriber to connect')
-
-    def ids(self):
-        return [m['id'] for m in self.messages]
-
-    def close(self):
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture
@@ -105,40 +40,6 @@ def broker(tmp_path):
     running = Broker(str(tmp_path)).start()
     yield running
     running.stop()
-
-
-class Receiver:
-    """A webhook receiver on loopback: answers the statuses of `script` in turn, then 200 to every POST,
-    and keeps [(status, headers, JSON body)]."""
-
-    def __init__(self, script=()):
-        self.script, self.requests = list(script), []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
-                status = receiver.script.pop(0) if receiver.script else 200
-                if callable(status):
-                    status = status(body)
-                receiver.requests.append((status, dict(self.headers), body))
-                self.send_response(status)
-                self.end_headers()
-                self.wfile.write(b'no such field' if status == 422 else b'')
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.url = f'http://127.0.0.1:{self.server.server_port}/hooks/inspection'
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def accepted(self):
-        return [body for status, _, body in self.requests if status == 200]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -307,7 +208,11 @@ def test_broker_killed_and_restarted_mid_run_every_message_arrives(tmp_path, bro
                 if i == 40:
                     assert publisher.waiting() >= 19  # held in the outbox while the broker is down
                     broker.start()
-            wait_for(lambda: len(set(subscriber.ids())) == len(sent), 30, 'every message')
+            try:
+                wait_for(lambda: len(set(subscriber.ids())) == len(sent), 30, 'every message')
+            except AssertionError:
+                missing = [i for i, m in enumerate(sent) if m['id'] not in set(subscriber.ids())]
+                raise AssertionError(f'missing {missing}, waiting {publisher.waiting()}, got {len(subscriber.ids())}')
             wait_for(lambda: publisher.waiting() == 0, 10, 'the outbox to drain')
     finally:
         subscriber.close()
@@ -431,8 +336,7 @@ def test_unreachable_broker_at_start_sigterm_keeps_the_messages_and_the_next_run
 
 def test_darkened_and_blurred_images_drift_training_images_do_not(line_feat, model_dir, small_train, tmp_path):
     detector = Detector.load(line_feat, model_dir=model_dir)
-    assert detector.conditions_.n == 12 and detector.conditions_ == conditions.ConditionRange.from_meta(
-        detector.meta_['conditions'])
+    assert detector.conditions_.n == 12 and detector.conditions_.features.threshold > 0
     train = image_utils.list_images(small_train)
     rgb = [cv2.imread(p)[..., ::-1] for p in train[:4]]
     dark = [darkened(p)[..., ::-1] for p in train[:4]]
@@ -447,16 +351,19 @@ def test_darkened_and_blurred_images_drift_training_images_do_not(line_feat, mod
     assert dim[0] < 0.65 * plain[0] and dim[2] == pytest.approx(plain[2], rel=0.05) and soft[2] < 0.7 * plain[2]
 
     # A damaged range in a feature file is refused like any other damage.
-    meta = dict(detector.meta_, conditions=dict(detector.meta_['conditions'], low=[0, 'x', 0]))
-    with pytest.raises(FeatureFileError, match='conditions low / high'):
-        feature_file.check_meta('f.pkl', meta)
+    for damage in ({'low': [0, 'x', 0]}, {'features': dict(detector.meta_['conditions']['features'],
+                                                                means=['AAAA', 'AAAA'])}):
+        meta = dict(detector.meta_, conditions=dict(detector.meta_['conditions'], **damage))
+        with pytest.raises(FeatureFileError, match='damaged feature file: conditions unusable'):
+            feature_file.check_meta('f.pkl', meta)
 
 
 def test_drift_window_warns_once_when_most_drift_and_once_when_it_ends():
     window = conditions.DriftWindow(4)
-    normal, dark = conditions.Conditions(1, 1, 1, False), conditions.Conditions(0, 1, 1, True, ('brightness low',))
+    normal = conditions.Conditions(1, 1, 1, drift=False)
+    dark = conditions.Conditions(0, 1, 1, drift=True, outside=('brightness low',))
     events = [window.add(c) for c in [normal, normal, dark, dark, dark, dark, normal, normal, normal, normal]]
-    assert [e and e['state'] for e in events] == [None, None, None, None, 'started', None, None, 'ended', None, None]
+    assert [e and e['state'] for e in events] == [None, None, None, None, 'started', None, None, None, 'ended', None]
     assert events[4] == {'state': 'started', 'window': 4, 'drifted': 3, 'outside': {'brightness low': 3}}
     assert window.add(conditions.Conditions(0, 0, 0)) is None  # unjudged: an old feature file
     with pytest.raises(ValueError):
@@ -476,7 +383,7 @@ def test_console_tells_the_line_and_serves_metrics(tmp_path, line_feat, model_di
         auth = {'Authorization': 'Bearer tok'}
         with open(SAMPLE, 'rb') as f:
             answer = client.post('/api/score', files={'file': ('part 7.png', f, 'image/png')}, headers=auth).json()
-        assert set(answer['conditions']) == {'brightness', 'contrast', 'sharpness', 'drift', 'outside'}
+        assert set(answer['conditions']) == {'brightness', 'contrast', 'sharpness', 'features', 'drift', 'outside'}
         assert client.post('/api/score', files={'file': ('x.png', b'not an image', 'image/png')},
                            headers=auth).status_code == 400
         assert client.get('/metrics').status_code == 401
