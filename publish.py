@@ -51,7 +51,8 @@ MQTT_USERNAME_ENV, MQTT_PASSWORD_ENV = 'MAHALANOBISAD_MQTT_USERNAME', 'MAHALANOB
 MQTT_CLIENT_ID_ENV, MQTT_CA_ENV = 'MAHALANOBISAD_MQTT_CLIENT_ID', 'MAHALANOBISAD_MQTT_CA'
 WEBHOOK_TOKEN_ENV = 'MAHALANOBISAD_WEBHOOK_TOKEN'
 IN_FLIGHT = 100                  # MQTT messages published and not yet acknowledged, at most
-RETRY_S = (0.5, 30.0)            # first and longest wait before trying a receiver again (doubling)
+RETRY_S = (0.5, 10.0)            # first and longest wait before trying a receiver again (doubling): a receiver
+                                 # that is back gets its messages within 10 s, for one try per 10 s while down
 WEBHOOK_TIMEOUT_S = (3.05, 10.0)  # connect, read
 RETRYABLE_STATUS = (408, 425, 429)  # the 4xx a later try can fix (and every 5xx)
 IDLE_POLL_S = 0.5                # a sender looks at the outbox at least this often

@@ -51,6 +51,11 @@ def lines_in(report):
         return sum(1 for _ in f)
 
 
+def verdict_lines(report):
+    with open(report) as f:
+        return sum('path' in json.loads(line) for line in f)
+
+
 def stop(process):
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
@@ -136,7 +141,7 @@ def outage(common, sources, args, work):
     verdicts = [m for m in subscriber.messages if m['type'] == 'verdict']
     return dict(timeline, images=args.images, verdicts_received=len(verdicts),
                 distinct_verdicts=len({m['id'] for m in verdicts}),
-                distinct_paths=len({m['path'] for m in verdicts}), json_lines=lines_in(report) - 1,
+                distinct_paths=len({m['path'] for m in verdicts}), json_verdict_lines=verdict_lines(report),
                 peak_outbox_depth=int(peaks['depth']), peak_unsent_age_s=round(peaks['age'], 1))
 
 
