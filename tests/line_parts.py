@@ -30,18 +30,22 @@ def wait_for(condition, timeout=30, what='the condition'):
 
 
 class Broker:
-    """Debian's mosquitto on a free loopback port. Persistence on, so that a subscriber's session and
-    the messages queued for it survive the broker being stopped and started again."""
+    """Debian's mosquitto on a free loopback port (anonymous). Persistence on, so that a subscriber's
+    session and the messages queued for it survive the broker being stopped and started again.
+    tls_listener: a second listener's lines (its port is tls_port): see tls_listener()."""
 
-    def __init__(self, folder, port=None):
+    def __init__(self, folder, port=None, tls_listener=None):
         assert os.path.exists(MOSQUITTO), 'Debian mosquitto is needed: apt-get install mosquitto (see .ci/run)'
-        self.port, self.process = port or free_port(), None
+        self.port, self.tls_port, self.process = port or free_port(), free_port(), None
         self.config = os.path.join(folder, 'mosquitto.conf')
         with open(self.config, 'w') as f:
             # user: run as whoever runs the tests (as root, mosquitto would become the user mosquitto, who
             # cannot write its persistence into the test's private folder).
-            f.write(f'listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n'
-                    f'persistence_location {folder}/\nmax_queued_messages 100000\nuser {getpass.getuser()}\n')
+            f.write(f'per_listener_settings true\npersistence true\npersistence_location {folder}/\n'
+                    f'max_queued_messages 100000\nuser {getpass.getuser()}\n'
+                    f'listener {self.port} 127.0.0.1\nallow_anonymous true\n')
+            if tls_listener:
+                f.write(f'listener {self.tls_port} 127.0.0.1\n{tls_listener}\n')
 
     def start(self):
         self.process = subprocess.Popen([MOSQUITTO, '-c', self.config], stdout=subprocess.DEVNULL,
@@ -57,6 +61,17 @@ class Broker:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(10)
+
+
+def tls_listener(folder, username, password):
+    """Lines of a TLS listener with a password: a self-signed certificate for 127.0.0.1 (openssl) and a
+    password file (mosquitto_passwd) in `folder` -> (lines, the certificate: the client's CA file)."""
+    cert, key, passwords = (os.path.join(folder, name) for name in ('cert.pem', 'key.pem', 'passwords'))
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj', '/CN=127.0.0.1',
+                    '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', key, '-out', cert], check=True,
+                   capture_output=True)
+    subprocess.run(['mosquitto_passwd', '-b', '-c', passwords, username, password], check=True, capture_output=True)
+    return (f'certfile {cert}\nkeyfile {key}\nallow_anonymous false\npassword_file {passwords}', cert)
 
 
 class Subscriber:

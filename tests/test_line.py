@@ -29,7 +29,7 @@ from detector import Detector
 from errors import FeatureFileError, OutboxError, UsageError
 from outbox import Outbox
 from tests.conftest import REPO
-from tests.line_parts import Broker, Receiver, Subscriber, free_port, wait_for
+from tests.line_parts import Broker, Receiver, Subscriber, free_port, tls_listener, wait_for
 
 FAST_RETRY = (0.05, 0.2)
 SAMPLE = os.path.join(REPO, 'images', 'broken_large_000.png')
@@ -220,6 +220,33 @@ def test_broker_killed_and_restarted_mid_run_every_message_arrives(tmp_path, bro
     shown = publisher.destinations[0].shown
     assert f'mahalanobisad_messages_sent_total{{destination="{shown}"}} 60.0' in line_metrics.exposition().decode()
     assert 'connection lost' in caplog.text and 'connected again' in caplog.text
+
+
+def test_mqtts_with_credentials_from_the_environment_and_a_refused_password(tmp_path, monkeypatch, caplog):
+    lines, certificate = tls_listener(str(tmp_path), 'line3', 's3cret')
+    broker = Broker(str(tmp_path), tls_listener=lines).start()
+    subscriber = Subscriber(broker.port)  # on the plain listener: it sees what came in over TLS
+    monkeypatch.setenv(publish.MQTT_CA_ENV, certificate)
+    url = f'mqtts://127.0.0.1:{broker.tls_port}/line3/verdicts'
+    try:
+        monkeypatch.setenv(publish.MQTT_USERNAME_ENV, 'line3')
+        monkeypatch.setenv(publish.MQTT_PASSWORD_ENV, 'wr0ngpass')
+        with publish.Publisher([url], str(tmp_path / 'refused.outbox'), retry_s=FAST_RETRY) as publisher:
+            publisher.publish(verdicts(1)[0])
+            wait_for(lambda: 'refused the connection' in caplog.text, 10, 'the refusal')
+            assert publisher.waiting() == 1  # kept
+        monkeypatch.setenv(publish.MQTT_PASSWORD_ENV, 's3cret')
+        sent = verdicts(3)
+        with publish.Publisher([url], str(tmp_path / 'tls.outbox'), retry_s=FAST_RETRY) as publisher:
+            for message in sent:
+                publisher.publish(message)
+            wait_for(lambda: publisher.waiting() == 0, 10, 'the outbox to drain')
+        wait_for(lambda: len(subscriber.messages) == 3, 10, 'the messages')
+    finally:
+        subscriber.close()
+        broker.stop()
+    assert subscriber.ids() == [m['id'] for m in sent]
+    assert 's3cret' not in caplog.text and 'wr0ngpass' not in caplog.text
 
 
 def test_webhook_500_three_times_then_200_and_an_unfixable_4xx_is_dropped(tmp_path, caplog, monkeypatch):
