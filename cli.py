@@ -14,9 +14,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import anomaly_model
 import file_io
+import metrics
+import outbox
 import holdout
 import image_utils
 import model_utils
+from conditions import DRIFT_WINDOW
 from detector import Detector
 from errors import TOOL_ERRORS, UsageError
 
@@ -119,6 +122,30 @@ def rotation_range(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def port_number(text):
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f'must be a TCP port in 1..65535, got {text}')
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not 0 < value < float('inf'):
+        raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
+    return value
+
+
+def publish_url(text):
+    """A --publish URL -> publish.Destination (imported here: paho and requests load only for commands
+    that publish)."""
+    import publish
+    try:
+        return publish.parse_destination(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def contamination_value(text):
     try:
         return holdout.check_contamination(text if text == 'auto' else float(text))
@@ -176,6 +203,34 @@ def add_model_arguments(p):
     p.add_argument('--model_url', default=None,
                    help=f'base URL of b0..b7 downloads (default ${model_utils.MODEL_URL_ENV}, '
                         f'else {model_utils.DEFAULT_MODEL_URL})')
+
+
+def add_line_arguments(p):
+    """What a live run or the console tells the line: verdicts to MQTT / webhooks through the outbox
+    (publish.py, outbox.py), Prometheus metrics (metrics.py), the conditions-drift window (conditions.py)."""
+    p.add_argument('--publish', action='append', type=publish_url, default=None, metavar='URL',
+                   help='send each verdict, each drift warning and the summary as JSON to an MQTT topic '
+                        '(mqtt://HOST[:PORT]/TOPIC, mqtts://; QoS 1) or a webhook (http://, https://; POST), '
+                        'through the outbox; repeatable (see docs/line_integration.md)')
+    p.add_argument('--outbox', type=output_file, default=None, metavar='PATH',
+                   help='the durable outbox (SQLite) where messages wait until acknowledged; the next run sends '
+                        'what is left first (default: the feature file\'s name with .outbox)')
+    p.add_argument('--outbox_max_mb', type=positive_float, default=outbox.DEFAULT_MAX_MB, metavar='MB',
+                   help='largest outbox; when full, new messages are dropped, counted and logged')
+    p.add_argument('--metrics_port', type=port_number, default=None, metavar='N',
+                   help='serve Prometheus metrics on http://METRICS_HOST:N/metrics')
+    p.add_argument('--metrics_host', default=metrics.DEFAULT_HOST,
+                   help='address of --metrics_port (loopback: a Prometheus on another machine needs an address of '
+                        'the plant network, given deliberately)')
+    p.add_argument('--drift_window', type=positive_int, default=DRIFT_WINDOW, metavar='N',
+                   help='warn when most of the last N images have brightness, contrast or sharpness outside the '
+                        'training images\' range')
+
+
+def check_line_arguments(p, args):
+    """--outbox and --outbox_max_mb mean something only with --publish."""
+    if args.outbox is not None and not args.publish:
+        p.error('--outbox needs --publish')
 
 
 def execution_provider(env_id):

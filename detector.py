@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 import anomaly_model
+import conditions
 import export_onnx
 import feature_file
 import fusion
@@ -52,7 +53,9 @@ class Inspection:
     (its input size; the largest of several);
     anomaly_map: pixel anomaly scores (S, S) float32, or None for a method without maps;
     gt_mask: ground truth (S, S) bool when a mask was given (None: no mask, i.e. normal);
-    error: why the input could not be read (then score, anomaly, view and map are None).
+    error: why the input could not be read (then score, anomaly, view and map are None);
+    conditions: the view's brightness, contrast and sharpness against the training images' range
+    (conditions.Conditions; its drift is None for a feature file from before ranges were kept).
     """
     index: int
     path: str = None
@@ -62,6 +65,7 @@ class Inspection:
     anomaly_map: np.ndarray = None
     gt_mask: np.ndarray = None
     error: str = None
+    conditions: 'conditions.Conditions' = None
 
 
 def pixel_arrays(results):
@@ -114,14 +118,18 @@ def _length(items):
 class _TrainingFeatures:
     """What the fit reads from its images. features: per input size, the method's {name: (N, ...)}
     over the N views; groups (N,): each view's image index; plain (N,) bool: the unaugmented view;
-    names {index: shown name}; image_sizes {(W, H)}; screen: the method whose held-out scores find
-    defective images (at the first input size), and screen_features its features of the plain views
-    (None where screen is the first size's method itself)."""
+    names {index: shown name}; image_sizes {(W, H)}; measures {index: (3,) conditions.measure of its
+    plain view at the first input size} and pooled [(n, C)] conditions.stride_maps of those plain views,
+    rows in that order; screen: the method whose held-out scores find defective images (at the first
+    input size), and screen_features its features of the plain views (None where screen is the first
+    size's method itself)."""
     features: dict
     groups: np.ndarray
     plain: np.ndarray
     names: dict
     image_sizes: set
+    measures: dict
+    pooled: list
     screen: anomaly_model.AnomalyMethod
     screen_features: dict = None
 
@@ -154,7 +162,9 @@ class Detector:
     threshold_source_ and target_fpr_ read them), int8_backbone_ (with int8: the quantized backbone, a
     serialized ONNX model (bytes) saved in the feature file and used as it is by every later run),
     bit_depth_ (significant bits of 16-bit image files, learnt from the training images: 8 when they
-    were all 8-bit; see image_utils.load_view), loaded_from_ (the feature file `load` read, or None).
+    were all 8-bit; see image_utils.load_view), conditions_ (the training images' range of brightness,
+    contrast and sharpness, conditions.ConditionRange, measured at the first input size; None for a
+    feature file from before it was kept), loaded_from_ (the feature file `load` read, or None).
 
     images, everywhere: an iterable of file paths and/or RGB uint8 arrays (H, W, 3) of any size,
     streamed through a bounded thread pool (memory flat in the number of images, decoding overlapped
@@ -189,7 +199,7 @@ class Detector:
         self.max_pixels = int(max_pixels)
         self.input_size = model_utils.check_input_sizes(input_size)
         self.aug_rotate = image_utils.check_rotation(aug_rotate)
-        self.methods_ = self.meta_ = self.thresholds_ = self.bit_depth_ = self.loaded_from_ = None
+        self.methods_ = self.meta_ = self.thresholds_ = self.bit_depth_ = self.conditions_ = self.loaded_from_ = None
         self.footings_ = self.int8_backbone_ = None
         self._size_warned = False
 
@@ -315,11 +325,14 @@ class Detector:
         self.methods_ = methods
         self.footings_ = [fusion.Footing.of(h) for h in scale_holdout] if len(methods) > 1 else None
         held_out = fusion.fuse_holdout(scale_holdout, self.footings_) if self.footings_ else scale_holdout[0]
+        kept_images = np.isin(list(training.measures), np.unique(groups))
+        self.conditions_ = conditions.ConditionRange.fit(np.array(list(training.measures.values()))[kept_images],
+                                                         [p[kept_images] for p in training.pooled], seed=self.seed)
         self.meta_ = dict(self.settings(), model=self.model, train_dir=source, n_train_images=n_images - len(excluded),
                           bit_depth=self.bit_depth_, **held_out.to_meta(),
                           excluded_train_images=[training.names[group] for group, _, _ in excluded],
                           train_image_size=(list(training.image_sizes.pop()) if len(training.image_sizes) == 1
-                                            else None), int8_backbone=int8_meta)
+                                            else None), int8_backbone=int8_meta, conditions=self.conditions_.to_meta())
         if self.footings_:
             self.meta_['scale_holdout'] = [h.to_meta() for h in scale_holdout]
         self.thresholds_ = thresholds.from_holdout(held_out, localizes=self.localizes, log=False)
@@ -347,6 +360,7 @@ class Detector:
         feature maps."""
         preprocessing, extractor = self.preprocessing, self.extractor
         batches, screen_batches, groups, plain_rows, names, image_sizes = [[] for _ in methods], [], [], [], {}, set()
+        measures, pooled_batches = {}, []
         screen = methods[0]
         with tqdm(total=_length(images), desc='fit: features', unit='img') as progress, \
                 threadpool_limits(1, 'blas'):
@@ -366,6 +380,7 @@ class Detector:
                     plain += [True] + [False] * (len(scale_views[0]) - 1)
                     groups += [index] * len(scale_views[0])
                     image_sizes.add((width, height))
+                    measures[index] = conditions.measure(scale_views[0][0])
                 for scale, (method, size) in enumerate(zip(methods, self.input_sizes)):
                     for start in range(0, len(views[scale]), self.batch_size):
                         feature_maps = extractor(preprocessing.tensors(views[scale][start:start + self.batch_size]))
@@ -374,12 +389,16 @@ class Detector:
                             if scale == 0:
                                 screen = self._screening_method(method, feature_maps)
                         batches[scale].append(method.features(feature_maps))
+                        if scale > 0:
+                            continue
                         plain_views = np.array(plain[start:start + self.batch_size])
-                        if scale == 0 and screen is not method and plain_views.any():  # plain views: one per image
+                        if screen is not method and plain_views.any():  # plain views: one per image
                             screen_batches.append(screen.features([m[plain_views] for m in feature_maps]))
+                        pooled_batches.append([p[plain_views] for p in conditions.stride_maps(feature_maps, size)])
                 plain_rows += plain
         return _TrainingFeatures([anomaly_model.concatenate_features(b) if b else {} for b in batches],
-                                 np.array(groups), np.array(plain_rows, bool), names, image_sizes, screen,
+                                 np.array(groups), np.array(plain_rows, bool), names, image_sizes, measures,
+                                 [np.concatenate(level) for level in zip(*pooled_batches)], screen,
                                  anomaly_model.concatenate_features(screen_batches) if screen_batches else None)
 
     def _leave_out_defective(self, training, method):
@@ -458,9 +477,12 @@ class Detector:
                 good = [(index, loaded) for (index, _), loaded in batch if not isinstance(loaded, ImageError)]
                 scored = {}
                 if good:
-                    scores, maps = self._score([views for _, (views, _) in good], preprocessing, extractor, timer)
-                    # The view shown is the largest (the maps' geometry).
-                    scored = {index: (float(score), views[-1], None if maps is None else maps[i], gt_mask)
+                    scores, maps, ratios = self._score([views for _, (views, _) in good], preprocessing, extractor,
+                                                       timer)
+                    # The view shown is the largest (the maps' geometry); conditions are measured on the
+                    # first size's view, as they were at fit.
+                    scored = {index: (float(score), views[-1], None if maps is None else maps[i], gt_mask,
+                                      None if ratios is None else ratios[i], views[0])
                               for i, ((index, (views, gt_mask)), score) in enumerate(zip(good, scores))}
                 for (index, (image, _)), loaded in batch:
                     path = None if isinstance(image, np.ndarray) else os.fspath(image)
@@ -468,8 +490,10 @@ class Detector:
                         logger.warning('skipping: %s', loaded)
                         yield Inspection(index, path, error=str(loaded))
                         continue
-                    score, view, anomaly_map, gt_mask = scored[index]
-                    yield Inspection(index, path, score, bool(score >= self.threshold_), view, anomaly_map, gt_mask)
+                    score, view, anomaly_map, gt_mask, ratio, first_view = scored[index]
+                    yield Inspection(index, path, score, bool(score >= self.threshold_), view, anomaly_map, gt_mask,
+                                     conditions=conditions.judge(conditions.measure(first_view), self.conditions_,
+                                                                 ratio))
 
     def _check_image_size(self, image_shape):
         """Warn, once, where images differ in size from the training images: a threshold from good images
@@ -485,21 +509,24 @@ class Detector:
 
     def _score(self, views, preprocessing, extractor, timer):
         """Views of N images (each a list, one view per input size) -> (image scores (N,), maps (N, S, S)
-        float32 or None, S = output_size): the method's at each size, fused across sizes (fusion)."""
-        results = []
-        for scale, method in enumerate(self.methods_):
+        float32 or None, S = output_size: the method's at each size, fused across sizes (fusion); the
+        feature-level conditions ratio of each image at the first size (N,), or None without ranges)."""
+        results, ratios = [], None
+        for scale, (method, size) in enumerate(zip(self.methods_, self.input_sizes)):
             with timer('backbone'):
                 feature_maps = extractor(preprocessing.tensors([image_views[scale] for image_views in views]))
             self._check_feature_shapes(method, feature_maps)
             with timer('scoring'):
                 results.append(method.score(method.features(feature_maps), self.output_size))
+                if scale == 0 and self.conditions_ is not None:
+                    ratios = self.conditions_.feature_ratios(feature_maps, size)
         if self.footings_ is None:
-            return results[0]
+            return results[0][0], results[0][1], ratios
         with timer('scoring'):
             scores = fusion.fuse([scores for scores, _ in results], self.footings_)
             maps = (None if results[0][1] is None else
                     fusion.fuse([maps for _, maps in results], self.footings_, 'pixel').astype(np.float32))
-        return scores, maps
+        return scores, maps, ratios
 
     def _check_feature_shapes(self, method, feature_maps):
         """FeatureFileError unless the backbone's maps have the shapes `method`'s fitted state was built
@@ -649,6 +676,7 @@ class Detector:
                                     'cannot be used with this backbone and method',
                                     'pass --feat with a new file name to fit one')
         detector.methods_, detector.meta_, detector.bit_depth_ = fitted, meta, meta['bit_depth']
+        detector.conditions_ = conditions.ConditionRange.from_meta(meta.get('conditions'))
         detector.loaded_from_ = path
         if len(fitted) > 1:
             detector.footings_ = [fusion.Footing.of(holdout.HoldoutScores.from_meta(h)) for h in meta['scale_holdout']]

@@ -22,4 +22,8 @@ class MethodError(ValueError):
     """A method cannot work with this backbone; the message says why."""
 
 
-TOOL_ERRORS = (UsageError, ImageError, ModelError, FeatureFileError, MethodError)
+class OutboxError(ValueError):
+    """An outbox file cannot be used (not ours, damaged, in use); the message says why. Never deleted."""
+
+
+TOOL_ERRORS = (UsageError, ImageError, ModelError, FeatureFileError, MethodError, OutboxError)

@@ -19,6 +19,7 @@ import zipfile
 
 import numpy as np
 
+import conditions
 import image_utils
 import thresholds
 from anomaly_model import METHODS
@@ -351,6 +352,9 @@ def check_meta(path, meta):
         check_contamination(meta.get('contamination'))
     except UsageError as e:
         damaged(str(e))
+    problem = conditions.meta_problem(meta.get('conditions'))
+    if problem:
+        damaged(problem)
     if stored is not None and stored.get('rule') not in (None,) + thresholds.RULES:
         damaged(f'thresholds.rule {str(stored.get("rule"))[:50]!r} is not one of {", ".join(thresholds.RULES)}')
     if stored is not None and stored.get('target_fpr') is not None and not _finite_number(stored['target_fpr']):

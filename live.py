@@ -30,6 +30,7 @@ except ImportError:  # Windows: completeness of a watched file is judged by its 
 
 import image_utils
 import plot_utils
+import publish
 from errors import ImageError, UsageError
 from file_io import fit_path
 
@@ -308,21 +309,31 @@ class _Tally:
         return True
 
 
-def _base_summary(detector, tally, interrupted):
-    return {'anomalous': tally.anomalous, 'seconds': round(time.monotonic() - tally.start, 3),
+def _base_summary(detector, tally, interrupted, report):
+    return {'anomalous': tally.anomalous, 'drifted': report.drifted, 'seconds': round(time.monotonic() - tally.start, 3),
             'threshold': detector.threshold_, 'threshold_source': detector.threshold_source_,
             'pixel_threshold': detector.pixel_threshold_, 'interrupted': interrupted}
 
 
-def inspect_video(detector, spec, realtime=False, savepath=None, json_path=None):
+def _tell_the_line(report, records, result, latency=None, **where):
+    """A scored image to the LineReport (message, metrics, drift window); a drift warning it raises
+    (or its end) also becomes a JSON line {"drift": {...}}."""
+    for event in report.scored(result, latency, **where):
+        records.write({'drift': event})
+
+
+def inspect_video(detector, spec, realtime=False, savepath=None, json_path=None, report=None):
     """-v: score a video file or image sequence frame by frame, or (a camera, or realtime) the newest
     frame of a live source -> the summary dict.
 
-    Writes a JSON line per scored frame {frame, time_s, score, anomaly[, latency_s]} and a last line
-    {"summary": {...}} to json_path, and an annotated frame per scored frame to the video savepath
-    (None: no video). Runs to the end of the source, or until Ctrl-C / SIGTERM (then the outputs
-    are finished as they are and the summary says interrupted).
+    Writes a JSON line per scored frame {frame, time_s, score, anomaly, conditions[, latency_s]}, the
+    drift warnings {"drift": {...}} and a last line {"summary": {...}} to json_path, and an annotated
+    frame per scored frame to the video savepath (None: no video); tells `report` (a
+    publish.LineReport: messages, metrics; default one that only watches the conditions) of each
+    frame. Runs to the end of the source, or until Ctrl-C / SIGTERM (then the outputs are finished as
+    they are and the summary says interrupted).
     """
+    report = report or publish.LineReport(detector, f'video:{spec}')
     source = VideoSource(spec)
     live = realtime or source.camera
     tally, interrupted, video, newest, frames, results = _Tally(), False, None, None, None, None
@@ -346,8 +357,9 @@ def inspect_video(detector, spec, realtime=False, savepath=None, json_path=None)
                     latency = time.monotonic() - frame.captured if live else None
                     tally.add(result.anomaly, latency)
                     record = {'frame': frame.index, 'time_s': round(frame.time_s, 3), 'score': result.score,
-                              'anomaly': result.anomaly}
+                              'anomaly': result.anomaly, 'conditions': result.conditions.to_json()}
                     records.write(record if latency is None else dict(record, latency_s=round(latency, 4)))
+                    _tell_the_line(report, records, result, latency, frame=frame.index, time_s=record['time_s'])
                     if video:
                         video.submit(result.view, result.anomaly_map, result.score, detector.threshold_,
                                      detector.pixel_threshold_, f'frame {frame.index}  {frame.time_s:.2f} s')
@@ -371,7 +383,8 @@ def inspect_video(detector, spec, realtime=False, savepath=None, json_path=None)
         source.release()
         summary = dict(source=spec, frames_scored=tally.scored, frames_skipped=newest.skipped if newest else 0,
                        fps=round(tally.rate(), 3), source_fps=source.fps, latency_s=tally.latency(),
-                       **_base_summary(detector, tally, interrupted))
+                       **_base_summary(detector, tally, interrupted, report))
+        report.finished(summary)
         records.write({'summary': summary})
         records.close()
     logger.info('%s: %d frames scored, %d anomalous, %d skipped, %.1f frames/s%s%s', spec, tally.scored,
@@ -447,25 +460,32 @@ class CompletedFiles:
 def report_image(detector, path, inspected, anomalous, figure=None, figures=None):
     """One scored image file, as image mode and --watch report it: its figure queued on the
     plot_utils.FigureWriter `figures` (where `figure` names one), its log line, and its JSON record
-    {path, score, anomaly} -> the record. Paths are shown as valid UTF-8 whatever bytes they hold."""
+    {path, score, anomaly, conditions} -> the record. Paths are shown as valid UTF-8 whatever bytes
+    they hold."""
     shown = image_utils.display_path(path)
     if figure:
         figures.submit(figure, inspected.view, inspected.gt_mask, inspected.anomaly_map, inspected.score,
                        detector.threshold_, detector.pixel_threshold_, title=shown)
     logger.info('%s : score %.3f threshold %.3f -> %s%s', shown, inspected.score, detector.threshold_,
                 'ANOMALY' if anomalous else 'normal', f'  [{image_utils.display_path(figure)}]' if figure else '')
-    return {'path': shown, 'score': inspected.score, 'anomaly': bool(anomalous)}
+    return {'path': shown, 'score': inspected.score, 'anomaly': bool(anomalous),
+            'conditions': inspected.conditions.to_json() if inspected.conditions else None}
 
 
-def watch_folder(detector, folder, figures_dir=None, json_path=None, poll_s=WATCH_POLL_S, settle_s=WATCH_SETTLE_S):
+def watch_folder(detector, folder, figures_dir=None, json_path=None, poll_s=WATCH_POLL_S, settle_s=WATCH_SETTLE_S,
+                 report=None):
     """--watch: score every image under `folder`, then every new (or rewritten) one once completely
     written, until Ctrl-C or SIGTERM -> the summary dict.
 
-    Per file: a log line, a JSON line {path, score, anomaly} to json_path and the four-panel figure
-    to figures_dir (None: no figures); a file that vanishes or cannot be decoded is a warning.
+    Per file: a log line, a JSON line {path, score, anomaly, conditions} to json_path (and the drift
+    warnings, {"drift": {...}}), the four-panel figure to figures_dir (None: no figures), and `report`
+    (a publish.LineReport: messages, metrics; default one that only watches the conditions) is told,
+    with the latency from the file found complete to its verdict; a file that vanishes or cannot be
+    decoded is a warning (and a message with verdict "error").
     """
     if not os.path.isdir(folder):
         raise UsageError(f'--watch: no such directory: {folder}')
+    report = report or publish.LineReport(detector, f'watch:{folder}')
     files = CompletedFiles(folder, settle_s, exclude=[figures_dir] if figures_dir else [])
     tally, interrupted = _Tally(), False
     records = JsonLines(json_path)
@@ -475,7 +495,7 @@ def watch_folder(detector, folder, figures_dir=None, json_path=None, poll_s=WATC
         with plot_utils.FigureWriter() as figures, sigterm_as_interrupt():
             try:
                 while True:
-                    ready = files.poll()
+                    ready, found = files.poll(), time.monotonic()
                     if not ready:
                         time.sleep(poll_s)
                         continue
@@ -483,16 +503,20 @@ def watch_folder(detector, folder, figures_dir=None, json_path=None, poll_s=WATC
                         for result in results:
                             if result.error:  # inspect has logged it as a warning
                                 tally.unreadable += 1
+                                report.failed(result.error, path=image_utils.display_path(result.path))
                                 continue
                             tally.add(result.anomaly)
                             figure = figures_dir and fit_path(os.path.join(
                                 figures_dir, image_utils.flat_name(result.path, folder) + '.png'))
-                            records.write(report_image(detector, result.path, result, result.anomaly, figure, figures))
+                            record = report_image(detector, result.path, result, result.anomaly, figure, figures)
+                            records.write(record)
+                            _tell_the_line(report, records, result, time.monotonic() - found, path=record['path'])
             except KeyboardInterrupt:
                 interrupted = True
     finally:
         summary = dict(folder=folder, files_scored=tally.scored, unreadable=tally.unreadable,
-                       files_per_s=round(tally.rate(), 3), **_base_summary(detector, tally, interrupted))
+                       files_per_s=round(tally.rate(), 3), **_base_summary(detector, tally, interrupted, report))
+        report.finished(summary)
         records.write({'summary': summary})
         records.close()
     logger.info('watch %s ended: %d files scored, %d anomalous, %d unreadable', folder, tally.scored,

@@ -8,6 +8,7 @@ Mahalanobis distance, decide the verdict with a threshold derived from labelled 
     python3 mahalanobisad.py --input IMG --savepath OUT   # one image -> OUT figure
     python3 mahalanobisad.py -v line.mp4 --json f.jsonl  # video file, image sequence or camera (live.py)
     python3 mahalanobisad.py --watch incoming/            # every image dropped into a folder (live.py)
+    python3 mahalanobisad.py --watch in/ --publish mqtt://broker:1883/line3/verdicts   # tell the line (publish.py)
 """
 import argparse
 import contextlib
@@ -22,6 +23,7 @@ import cli
 import image_utils
 import live
 import plot_utils
+import publish
 import thresholds
 from cli import OneLineArgumentParser, detector_from_args
 from detector import Detector, Inspection, StageTimer
@@ -83,6 +85,7 @@ def parse_args(argv=None):
     p.add_argument('-bc', '--benchmark_count', type=cli.positive_int, default=5, help='runs of --benchmark')
     p.add_argument('--env_list', action='store_true', help='list the onnxruntime execution providers and exit')
     cli.add_model_arguments(p)
+    cli.add_line_arguments(p)
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.input, args.video, args.watch)) > 1:
         p.error('give one of -i/--input, -v/--video, --watch')
@@ -90,6 +93,9 @@ def parse_args(argv=None):
         p.error('--realtime needs -v/--video')
     if args.benchmark and (args.video is not None or args.watch is not None):
         p.error('-b/--benchmark times image inputs (-i)')
+    if (args.publish or args.metrics_port is not None) and args.video is None and args.watch is None:
+        p.error('--publish and --metrics_port are for the live modes: -v/--video or --watch')
+    cli.check_line_arguments(p, args)
     return args
 
 
@@ -258,15 +264,25 @@ def main(argv=None):
         if export_only:
             return []
 
-    if args.video is not None:
-        return live.inspect_video(detector, args.video, realtime=args.realtime, json_path=args.json,
-                                  savepath=None if args.no_figures else args.savepath or DEFAULT_VIDEO_SAVEPATH)
-    if args.watch is not None:
-        return live.watch_folder(detector, args.watch, json_path=args.json,
-                                 figures_dir=None if args.no_figures else args.savepath or DEFAULT_MULTI_SAVEPATH)
+    if args.video is not None or args.watch is not None:
+        return inspect_live(detector, args)
     if args.benchmark:
         return benchmark(detector, [path for path, _ in inputs], args)
     return score_images(detector, inputs, scored, labelled, args)
+
+
+def inspect_live(detector, args):
+    """-v or --watch, telling the line what the flags ask (publish.report_from_args: --publish through
+    the outbox, default <feature file>.outbox; --metrics_port) -> the summary."""
+    source = f'video:{args.video}' if args.video is not None else f'watch:{args.watch}'
+    default_outbox = os.path.splitext(feature_file_path(args))[0] + '.outbox'
+    with publish.report_from_args(args, detector, source, default_outbox) as report:
+        if args.video is not None:
+            return live.inspect_video(detector, args.video, realtime=args.realtime, json_path=args.json,
+                                      savepath=None if args.no_figures else args.savepath or DEFAULT_VIDEO_SAVEPATH,
+                                      report=report)
+        return live.watch_folder(detector, args.watch, json_path=args.json, report=report,
+                                 figures_dir=None if args.no_figures else args.savepath or DEFAULT_MULTI_SAVEPATH)
 
 
 def run(argv=None):

@@ -2,21 +2,29 @@
 
     python3 web_app.py --feat bottle.pkl                 # serves http://127.0.0.1:8000
     python3 web_app.py --feat bottle.pkl --data_root /srv/line3 --host 0.0.0.0 --token SECRET
+    python3 web_app.py --feat bottle.pkl --publish mqtt://broker:1883/line3/verdicts   # results to the line too
 
 One page (static/) and a JSON API over the same fitted `Detector` as the command line: the model card,
 scoring uploaded images or a folder under --data_root (streamed through the batch pipeline, with
 progress), and a threshold control over the scores of the labelled (or held-out) images that saves the
-chosen threshold into the feature file. FastAPI + uvicorn: a well-kept ASGI stack whose request
-parsing (multipart, JSON) and test client we do not have to write.
+chosen threshold into the feature file. Each image scored for a user (not the labelled images of the
+threshold control) is told to the line as the live modes tell it (publish.LineReport: --publish,
+metrics at /metrics and on --metrics_port). On an address other than loopback the console never
+serves without a token: without --token it makes one and prints the URL that carries it, as Jupyter
+does. FastAPI + uvicorn: a well-kept ASGI stack whose request parsing (multipart, JSON) and test
+client we do not have to write.
 """
 import argparse
 import base64
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
 import os
+import secrets
+import socket
 import sys
 import tempfile
 import threading
@@ -27,12 +35,14 @@ import cv2
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import cli
 import image_utils
+import metrics
+import publish
 import thresholds
 from detector import Detector
 
@@ -40,6 +50,7 @@ logger = logging.getLogger('web_app')
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'static')
 STATIC_FILES = {'/': 'index.html', '/static/console.js': 'console.js', '/static/console.css': 'console.css'}
+LOOPBACK_NAMES = ('localhost',)
 TOKEN_COOKIE = 'console_token'
 CONSOLE_SOURCE = 'set in the console'
 MAX_LISTED_IMAGES = 5000       # an /api/images answer lists at most this many
@@ -60,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument('--port', type=int, default=8000, help='TCP port')
     p.add_argument('--data_root', default=None, help='folder whose images may be browsed and scored (none by default)')
     p.add_argument('--token', default=None,
-                   help='require "Authorization: Bearer TOKEN" on every request (the page: open /?token=TOKEN)')
+                   help='require "Authorization: Bearer TOKEN" on every request (the page: open /?token=TOKEN); '
+                        'on an address other than loopback one is made when none is given')
     p.add_argument('--max_upload_mb', type=float, default=20, help='largest accepted upload, MiB')
     p.add_argument('--test_dir', default=None, help='labelled images for the threshold control (default images, if present)')
     p.add_argument('--gt_dir', default=None, help='masks of --test_dir images (default gt_masks)')
@@ -69,7 +81,9 @@ def parse_args(argv=None):
     p.add_argument('-bs', '--batch_size', type=cli.positive_int, default=16, help='images per backbone run')
     p.add_argument('--model_dir', default='models', help='cache of ONNX backbones')
     p.add_argument('--model_url', default=None, help='base URL of b0..b7 downloads')
+    cli.add_line_arguments(p)
     args = p.parse_args(argv)
+    cli.check_line_arguments(p, args)
     if not 0 < args.max_upload_mb < 4096:
         p.error(f'--max_upload_mb must be in (0, 4096), got {args.max_upload_mb}')
     for flag in ('data_root', 'test_dir', 'gt_dir'):  # before the model loads: a typo fails at once
@@ -100,8 +114,11 @@ class Console:
     parallel requests would only share the cores and multiply the memory.
     """
 
-    def __init__(self, detector, feat_path, data_root=None, labelled=None):
+    def __init__(self, detector, feat_path, data_root=None, labelled=None, report=None):
         self.detector = detector
+        # What the line hears of each image scored for a user (publish.LineReport); metrics always, for /metrics.
+        self.report = report or publish.LineReport(detector, 'console',
+                                                   metrics=metrics.Metrics(lambda: detector.threshold_))
         self.feat_path = feat_path
         self.data_root = os.path.realpath(data_root) if data_root else None
         self.lock = threading.Lock()
@@ -176,25 +193,36 @@ class Console:
         finally:
             results.close()
 
-    def inspect_one(self, path, title):
-        """-> the JSON answer of one image: score, verdict, threshold and the four-panel figure."""
+    def tell_the_line(self, result, title, started):
+        """A user's image, scored or not (result.error, the reason naming it as the user knows it), to
+        the line: message, metrics, drift window."""
+        if result.error is not None:
+            self.report.failed(result.error.replace(result.path, title), path=title)
+        else:
+            self.report.scored(result, time.perf_counter() - started, path=title)
+
+    def inspect_one(self, path, title, started=None):
+        """-> the JSON answer of one image: score, verdict, threshold, conditions and the four-panel
+        figure. started: time.perf_counter() when the request came (the latency the metrics show)."""
+        started = started or time.perf_counter()
         results = self.inspect([path])
         with contextlib.closing(results):
             result = next(results)
+        self.tell_the_line(result, title, started)
         if result.error is not None:  # the reason, naming the image as the user knows it
             raise ConsoleError(400, result.error.replace(path, title))
         return {'name': title, 'score': result.score, 'anomaly': bool(result.anomaly),
-                'threshold': self.detector.threshold_,
+                'threshold': self.detector.threshold_, 'conditions': result.conditions.to_json(),
                 'figure': png_data_url(self.detector.render_figure(result, title=title))}
 
-    def inspect_upload(self, data, name):
+    def inspect_upload(self, data, name, started=None):
         if not data:
             raise ConsoleError(400, 'the uploaded file is empty')
         # Through a private temporary file: the upload is decoded by exactly the CLI's code path.
         with tempfile.NamedTemporaryFile(dir=self.upload_dir.name, suffix='.upload') as f:
             f.write(data)
             f.flush()
-            return self.inspect_one(f.name, name)
+            return self.inspect_one(f.name, name, started)
 
     # -- the data root ------------------------------------------------------------------------------
 
@@ -246,9 +274,12 @@ class Console:
         order, then {"done", "scored", "anomalous"}. The images stream through the batch pipeline."""
         yield json.dumps({'total': len(images), 'threshold': self.detector.threshold_}) + '\n'
         scored = anomalous = 0
+        started = time.perf_counter()
         for result in self.inspect(images, desc='console: folder'):
             relative = self.relative(images[result.index])
             line = {'index': result.index, 'path': relative}
+            self.tell_the_line(result, relative, started)
+            started = time.perf_counter()
             if result.error is None:
                 line.update(score=result.score, anomaly=bool(result.anomaly))
                 scored += 1
@@ -387,7 +418,7 @@ def create_app(console, token=None, max_upload_mb=20):
             name = os.path.basename(upload.filename or 'upload')[:200]
         if len(data) > max_upload:
             raise ConsoleError(413, f'upload over the limit of {max_upload_mb:g} MiB')
-        answer = await run_in_threadpool(console.inspect_upload, data, name)
+        answer = await run_in_threadpool(console.inspect_upload, data, name, started)
         return JSONResponse(answer, headers={'server-timing': f'score;dur={(time.perf_counter() - started) * 1e3:.1f}'})
 
     @app.get('/api/inspect')
@@ -396,6 +427,10 @@ def create_app(console, token=None, max_upload_mb=20):
         if not os.path.isfile(real) or not image_utils.is_image_file(real):
             raise ConsoleError(404, f'{path}: no such image under the data root')
         return console.inspect_one(real, console.relative(real))
+
+    @app.get('/metrics')
+    def prometheus_metrics():  # read-only: a scrape changes nothing
+        return Response(console.report.metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     @app.get('/api/images')
     def images(dir: str = ''):
@@ -436,6 +471,29 @@ def labelled_set(args):
     return None if labelled is None else (*labelled.listing(), labelled.test_dir, labelled.gt_dir)
 
 
+def is_loopback(host):
+    """Whether `host` (an address or 'localhost') is this machine's loopback: nothing else reaches it."""
+    try:
+        return ipaddress.ip_address(host.strip('[]')).is_loopback
+    except ValueError:
+        return host.lower() in LOOPBACK_NAMES
+
+
+def console_token(host, token):
+    """The token the console requires -> (token or None, whether it was made here): --token; on an
+    address other than loopback without one, a new random one (the console never serves the network
+    unauthenticated); on loopback, none unless given."""
+    if token or is_loopback(host):
+        return token, False
+    return secrets.token_urlsafe(24), True
+
+
+def console_url(host, port, token):
+    """The URL to open: the machine's name for an every-interface address (0.0.0.0, ::), the token in it."""
+    shown = socket.gethostname() if host in ('0.0.0.0', '::', '') else f'[{host}]' if ':' in host else host
+    return f'http://{shown}:{port}/' + (f'?token={urllib.parse.quote(token, safe="")}' if token else '')
+
+
 def main(argv=None):
     args = parse_args(argv)
     detector = Detector.load(args.feat, model=args.model, method=args.method, model_dir=args.model_dir,
@@ -443,14 +501,19 @@ def main(argv=None):
     logger.info('loaded %s: %s %s, threshold %.4f (%s)', args.feat, detector.meta_.get('backbone'),
                 detector.meta_.get('method'), detector.threshold_, detector.threshold_source_)
     labelled = labelled_set(args)
-    console = Console(detector, args.feat, args.data_root, labelled)
-    if labelled is not None:
-        threading.Thread(target=console.score_labelled, args=labelled[:2], daemon=True).start()
-    app = create_app(console, args.token, args.max_upload_mb)
-    if args.host not in ('127.0.0.1', 'localhost', '::1') and not args.token:
-        logger.warning('listening on %s without --token: anyone on the network can use this console', args.host)
-    logger.info('console on http://%s:%d/%s', args.host, args.port, '?token=...' if args.token else '')
-    uvicorn.run(app, host=args.host, port=args.port, log_level='warning', server_header=False)
+    token, made = console_token(args.host, args.token)
+    default_outbox = os.path.splitext(args.feat)[0] + '.console.outbox'
+    with publish.report_from_args(args, detector, 'console', default_outbox, with_metrics=True) as report:
+        console = Console(detector, args.feat, args.data_root, labelled, report)
+        if labelled is not None:
+            threading.Thread(target=console.score_labelled, args=labelled[:2], daemon=True).start()
+        app = create_app(console, token, args.max_upload_mb)
+        if made:  # as Jupyter does: the URL that carries the token is the way in
+            logger.warning('listening on %s without --token: every request needs the token made for this run; '
+                           'open the console at %s', args.host, console_url(args.host, args.port, token))
+        else:
+            logger.info('console on %s', console_url(args.host, args.port, None) + ('?token=...' if token else ''))
+        uvicorn.run(app, host=args.host, port=args.port, log_level='warning', server_header=False)
 
 
 def run(argv=None):
