@@ -29,6 +29,7 @@ from tqdm import tqdm
 import anomaly_model
 import export_onnx
 import feature_file
+import history
 import holdout
 import image_utils
 import model_utils
@@ -223,7 +224,7 @@ class Detector:
     # fit
     # ------------------------------------------------------------------------------------------
 
-    def fit(self, images, source=None):
+    def fit(self, images, source=None, by=None):
         """Fit the method on good images (plus aug_num augmented views of each) -> self.
 
         Unreadable images are skipped with a warning; at least 2 must be readable. Also computes
@@ -234,7 +235,8 @@ class Detector:
         recorded in meta_['excluded_train_images']. source: what the images are (the CLI passes the
         training directory), recorded in meta_. The bit depth of 16-bit image files is learnt first
         (bit_depth_), so `images` is read twice when it holds such files (an iterator is turned into a
-        list for that).
+        list for that). The fit is the first entry of meta_['history'] (history.py), with the sha256 of
+        every image fitted on; by: who fitted (default the OS user).
         """
         if not isinstance(images, collections.abc.Sequence):
             images = list(images)
@@ -260,11 +262,78 @@ class Detector:
                           train_image_size=(list(training.image_sizes.pop()) if len(training.image_sizes) == 1
                                             else None))
         self.thresholds_ = thresholds.from_holdout(held_out, localizes=self.localizes, log=False)
+        excluded_groups = {group for group, _, _ in excluded}
+        fitted = [(training.names[i], history.image_sha256(images[i])) for i in sorted(training.names)
+                  if i not in excluded_groups]
+        self.meta_['history'] = [history.new_entry([], 'fit', by, fitted, None, self.thresholds_.to_meta(),
+                                                   self.meta_['n_train_images'])]
         return self
 
-    def _training_features(self, images, method):
+    def partial_fit(self, images, by=None):
+        """Teach the fitted detector more good images, without refitting -> self.
+
+        Costs time proportional to the new images (AnomalyMethod.partial_fit: exact for the Gaussians,
+        which keep their moments; SPADE appends; PatchCore extends its coreset). The new images' held-out
+        scores (each under the updated model without it) join the training images' (those are kept as
+        they were: each under the model it was held out of then), and the thresholds follow by their
+        rule (`_thresholds_after_change`). An image already taught (same sha256) is skipped with a note,
+        an unreadable one with a warning; neither is recorded as taught. The change is an entry of
+        meta_['history'] (history.py), by `by` (default the OS user); nothing at all to add changes
+        nothing (no entry). images: as for fit; augmented views as the fit made them (aug_num).
+        """
+        self._check_fitted()
+        known = history.taught_digests(self.meta_.setdefault('history', []))
+        fresh, digests, skipped = [], [], []
+        for index, image in enumerate(images):
+            name = history.image_name(image, index)
+            try:
+                digest = history.image_sha256(image)
+            except OSError as e:
+                logger.warning('skipping unreadable image %s: %s', name, e.strerror or e)
+                continue
+            if digest in known:
+                logger.info('already taught, skipped: %s (sha256 %s)', name, digest[:16])
+                skipped.append({'name': name, 'why': 'already taught'})
+                continue
+            known.add(digest)
+            fresh.append(image)
+            digests.append(digest)
+        training = self._training_features(fresh, self.method_, configure=False)
+        added = sorted(training.names)
+        if not added:
+            logger.info('no new image to teach: nothing changed')
+            return self
+        before = self.thresholds_.to_meta()
+        logger.info('teaching %s %d new good images (%d views)', self.method, len(added), len(training.groups))
+        self.method_.partial_fit(training.features)
+        scores, maxima = self.method_.added_holdout_scores(training.features, training.groups, self.spec.input_size)
+        old = self.holdout_
+        held_out = holdout.HoldoutScores(
+            np.concatenate([old.image, scores]),
+            None if maxima is None or old.pixel_maxima is None else np.concatenate([old.pixel_maxima, maxima]))
+        self.meta_.update(held_out.to_meta(), n_train_images=self.meta_['n_train_images'] + len(added))
+        self.thresholds_ = self._thresholds_after_change()
+        self.meta_['history'].append(history.new_entry(
+            self.meta_['history'], 'add_good', by, [(training.names[i], digests[i]) for i in added], before,
+            self.thresholds_.to_meta(), self.meta_['n_train_images'], skipped=skipped))
+        return self
+
+    def _thresholds_after_change(self):
+        """The thresholds by the current ones' rule, after the model or its held-out scores changed: a
+        hold-out rule again at its false-positive rate; an F1 or a manual threshold from labelled images
+        cannot be re-derived without them (review.py's labelled defects can): the hold-out, with a warning."""
+        current = self.thresholds_
+        if current.rule == thresholds.HOLDOUT:
+            fpr = None if current.source == thresholds.HOLDOUT_SOURCE else current.target_fpr
+            return thresholds.from_holdout(self.holdout_, fpr, self.localizes, log=True)
+        logger.warning('the %s thresholds (%s) were chosen for the model before this change: using the training '
+                       'hold-out until they are derived again', current.rule, current.source)
+        return thresholds.from_holdout(self.holdout_, localizes=self.localizes, log=True)
+
+    def _training_features(self, images, method, configure=True):
         """Stream the training images through the backbone -> _TrainingFeatures; configures `method`
-        (and the screening method) on the first batch's feature maps."""
+        (and the screening method) on the first batch's feature maps, unless configure is False (a
+        fitted method: the maps' shapes are checked against it)."""
         preprocessing, extractor = self.preprocessing, self.extractor
         batches, screen_batches, groups, plain_rows, names, image_sizes = [], [], [], [], {}, set()
         screen = method
@@ -287,7 +356,9 @@ class Detector:
                     image_sizes.add((width, height))
                 for start in range(0, len(views), self.batch_size):
                     feature_maps = extractor(preprocessing.tensors(views[start:start + self.batch_size]))
-                    if not batches:
+                    if not configure:
+                        self._check_feature_shapes(feature_maps)
+                    elif not batches:
                         self._configure(method, feature_maps)
                         screen = self._screening_method(method, feature_maps)
                     batches.append(method.features(feature_maps))

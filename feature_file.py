@@ -13,6 +13,7 @@ import zipfile
 
 import numpy as np
 
+import history
 import image_utils
 import thresholds
 from anomaly_model import METHODS
@@ -21,14 +22,15 @@ from file_io import atomic_write_bytes
 from holdout import check_contamination
 
 FEATURE_FILE_FORMAT = 'mahalanobisad-features'
-FEATURE_FILE_VERSION = 3  # 3: method_params hold the feature shapes the arrays follow from
+FEATURE_FILE_VERSION = 4  # 3: method_params hold the feature shapes the arrays follow from; 4: the Gaussians'
+# moments (what partial_fit updates), the history of changes
 # Settings that change the features themselves: a feature file fitted with others cannot be used.
 FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names', 'method')
 # Settings of the fit: the CLI does not silently reuse a default-named feature file fitted with others.
 FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed', 'method_options', 'contamination')
 # Largest feature file read, bytes of arrays once uncompressed (PatchCore banks of millions of patches fit).
 MAX_FEATURE_FILE_BYTES = 4 << 30
-MAX_META_CHARS = 1 << 20
+MAX_META_CHARS = 1 << 24  # the history holds a 64-character sha256 per image taught
 
 
 def check_settings(name, meta, settings, keys, what, hint):
@@ -238,6 +240,10 @@ def check_meta(path, meta):
     maxima = meta.get('holdout_pixel_maxima')
     if maxima is not None and not (isinstance(maxima, list) and all(_finite_number(s) for s in maxima)):
         damaged('holdout_pixel_maxima are not a list of finite numbers')
+    try:
+        history.check(meta.get('history', []))
+    except ValueError as e:
+        damaged(str(e))
     excluded = meta.get('excluded_train_images', [])
     if not (isinstance(excluded, list) and all(isinstance(name, str) for name in excluded)):
         damaged('excluded_train_images is not a list of names')
