@@ -180,6 +180,7 @@ class AnomalyMethod:
     fixed_params = {}
     seeded = False
     screened_by = None
+    labelled_ = None  # {name: (K, ...) float32}: features of K labelled defect images (Detector.add_defects)
 
     def __init__(self, **params):
         self.params = params
@@ -206,6 +207,16 @@ class AnomalyMethod:
         Raises ValueError when the params themselves are not what `configure` writes. The feature
         file checks a file against this before reading any array."""
         raise NotImplementedError
+
+    def feature_state(self):
+        """{name: (shape of one row, dtype)} of what `features` returns, from `params` alone."""
+        raise NotImplementedError
+
+    def labelled_features(self):
+        """labelled_, or none (K = 0) in the shapes feature_state declares."""
+        if self.labelled_ is not None:
+            return self.labelled_
+        return {name: np.zeros((0,) + shape, dtype) for name, (shape, dtype) in self.feature_state().items()}
 
     def holdout_scores(self, features, groups, output_size):
         """Each training image scored by this method as fitted on all the other images: leave one image
@@ -369,6 +380,13 @@ class MahalanobisMethod(AnomalyMethod):
             state.update(_gaussian_state(self._grid() ** 2, self._channels(self.params['pixel_levels'])))
         return state
 
+    def feature_state(self):
+        shapes = self.params['feature_shapes']
+        state = {f'pooled{l}': ((shapes[l][0],), 'float32') for l in self.params['image_levels']}
+        if self.params.get('pixel_levels'):
+            state['patches'] = ((self._grid() ** 2, self._channels(self.params['pixel_levels'])), 'float32')
+        return state
+
     def load_state(self, arrays):
         levels = self.params['image_levels']
         self.image_model_ = MahalanobisAD([arrays[f'image_mean_{l}'] for l in levels],
@@ -430,6 +448,9 @@ class PadimMethod(AnomalyMethod):
                                and c == sorted(set(c)) and 0 <= c[0] and c[-1] < total,
                                f'a sorted subset of the {total} channels')
         return _gaussian_state(self._grid() ** 2, len(channels))
+
+    def feature_state(self):
+        return {'patches': ((self._grid() ** 2, len(self.params['channels'])), 'float32')}
 
     def load_state(self, arrays):
         self.gaussian_ = _load_gaussian(arrays)
@@ -503,6 +524,10 @@ class SpadeMethod(AnomalyMethod):
         pooled = self._channels([self.params.get('image_level')])
         return {'train_pooled': (('N', pooled), 'float32'),
                 'train_patches': (('N', self._grid() ** 2, self._channels(self.params.get('levels'))), 'float32')}
+
+    def feature_state(self):
+        return {'pooled': ((self.params['feature_shapes'][self.params['image_level']][0],), 'float32'),
+                'patches': ((self._grid() ** 2, self._channels(self.params['levels'])), 'float32')}
 
     def load_state(self, arrays):
         self.train_pooled_, self.train_patches_ = arrays['train_pooled'], arrays['train_patches']
@@ -624,6 +649,9 @@ class PatchCoreMethod(AnomalyMethod):
         self._grid()
         channels = self._channels(self.params.get('levels'))
         return {'memory_bank': (('M', channels), 'float32'), 'bank_centroids': (('L*', channels), 'float32')}
+
+    def feature_state(self):
+        return {'patches': ((self._grid() ** 2, self._channels(self.params['levels'])), 'float32')}
 
     def load_state(self, arrays):
         bank, centroids = arrays['memory_bank'], arrays['bank_centroids']

@@ -281,9 +281,65 @@ class Detector:
         meta_['history'] (history.py), by `by` (default the OS user); nothing at all to add changes
         nothing (no entry). images: as for fit; augmented views as the fit made them (aug_num).
         """
+        entries = self.meta_.setdefault('history', []) if self.meta_ else []
+        return self._teach('add_good', images, by, self._learn_good_images, {
+            'already taught': history.taught_digests(entries),
+            'taught as a defect': history.taught_digests(entries, ('add_defects',))})
+
+    def add_defects(self, images, by=None):
+        """Teach the detector labelled defects (missed by it, found by an operator) -> self.
+
+        Their features (the method's, of each image's plain view) are kept with the fitted state
+        (method_.labelled_, stored in the feature file), so the thresholds are derived again from all the
+        labelled defects so far after every change, without the images or the backbone
+        (`_thresholds_after_change`: F1-optimal between them and the held-out good images, or a stated FPR
+        kept with its recall measured). Already taught images (same sha256, as defect or as good) are
+        skipped with a note, unreadable ones with a warning; the change is a history entry.
+        """
+        entries = self.meta_.setdefault('history', []) if self.meta_ else []
+        return self._teach('add_defects', images, by, self._learn_defects, {
+            'already taught as a defect': history.taught_digests(entries, ('add_defects',)),
+            'taught as a good image': history.taught_digests(entries)})
+
+    def _teach(self, kind, images, by, learn, known):
+        """The new images among `images` (`_new_images`, known: {why skipped: sha256 set}) read, then
+        `learn(training features, number of images)`, the thresholds derived again and the change recorded
+        as a history entry of `kind` -> self (unchanged where nothing is new)."""
         self._check_fitted()
-        known = history.taught_digests(self.meta_.setdefault('history', []))
-        fresh, digests, skipped = [], [], []
+        fresh, digests, skipped = self._new_images(images, known)
+        training = self._training_features(fresh, self.method_, configure=False)
+        added = sorted(training.names)
+        if not added:
+            logger.info('no new image to teach: nothing changed')
+            return self
+        before = self.thresholds_.to_meta()
+        learn(training, len(added))
+        self.thresholds_ = self._thresholds_after_change()
+        entries = self.meta_['history']
+        entries.append(history.new_entry(entries, kind, by, [(training.names[i], digests[i]) for i in added], before,
+                                         self.thresholds_.to_meta(), self.meta_['n_train_images'], skipped=skipped))
+        return self
+
+    def _learn_good_images(self, training, count):
+        logger.info('teaching %s %d new good images (%d views)', self.method, count, len(training.groups))
+        self.method_.partial_fit(training.features)
+        scores, maxima = self.method_.added_holdout_scores(training.features, training.groups, self.spec.input_size)
+        old = self.holdout_
+        held_out = holdout.HoldoutScores(
+            np.concatenate([old.image, scores]),
+            None if maxima is None or old.pixel_maxima is None else np.concatenate([old.pixel_maxima, maxima]))
+        self.meta_.update(held_out.to_meta(), n_train_images=self.meta_['n_train_images'] + count)
+
+    def _learn_defects(self, training, count):
+        logger.info('keeping the features of %d labelled defects', count)
+        plain = anomaly_model.select_features(training.features, training.plain)
+        known = self.method_.labelled_features()
+        self.method_.labelled_ = {name: np.concatenate([known[name], plain[name]]) for name in known}
+
+    def _new_images(self, images, known):
+        """The images not yet taught -> (images, their sha256, skipped [{name, why}]). known: {why: set of
+        sha256}; an unreadable file is left out with a warning (and not recorded)."""
+        fresh, digests, skipped, seen = [], [], [], set()
         for index, image in enumerate(images):
             name = history.image_name(image, index)
             try:
@@ -291,40 +347,30 @@ class Detector:
             except OSError as e:
                 logger.warning('skipping unreadable image %s: %s', name, e.strerror or e)
                 continue
-            if digest in known:
-                logger.info('already taught, skipped: %s (sha256 %s)', name, digest[:16])
-                skipped.append({'name': name, 'why': 'already taught'})
+            why = next((why for why, digests_ in known.items() if digest in digests_),
+                       'given twice' if digest in seen else None)
+            if why:
+                logger.info('skipped (%s): %s (sha256 %s)', why, name, digest[:16])
+                skipped.append({'name': name, 'why': why})
                 continue
-            known.add(digest)
+            seen.add(digest)
             fresh.append(image)
             digests.append(digest)
-        training = self._training_features(fresh, self.method_, configure=False)
-        added = sorted(training.names)
-        if not added:
-            logger.info('no new image to teach: nothing changed')
-            return self
-        before = self.thresholds_.to_meta()
-        logger.info('teaching %s %d new good images (%d views)', self.method, len(added), len(training.groups))
-        self.method_.partial_fit(training.features)
-        scores, maxima = self.method_.added_holdout_scores(training.features, training.groups, self.spec.input_size)
-        old = self.holdout_
-        held_out = holdout.HoldoutScores(
-            np.concatenate([old.image, scores]),
-            None if maxima is None or old.pixel_maxima is None else np.concatenate([old.pixel_maxima, maxima]))
-        self.meta_.update(held_out.to_meta(), n_train_images=self.meta_['n_train_images'] + len(added))
-        self.thresholds_ = self._thresholds_after_change()
-        self.meta_['history'].append(history.new_entry(
-            self.meta_['history'], 'add_good', by, [(training.names[i], digests[i]) for i in added], before,
-            self.thresholds_.to_meta(), self.meta_['n_train_images'], skipped=skipped))
-        return self
+        return fresh, digests, skipped
 
     def _thresholds_after_change(self):
-        """The thresholds by the current ones' rule, after the model or its held-out scores changed: a
-        hold-out rule again at its false-positive rate; an F1 or a manual threshold from labelled images
-        cannot be re-derived without them (review.py's labelled defects can): the hold-out, with a warning."""
+        """The thresholds by the current ones' rule, after the model, its held-out scores or the labelled
+        defects changed: with labelled defects, thresholds.from_holdout_and_defects (a stated FPR kept,
+        else F1-optimal); otherwise a hold-out rule again at its false-positive rate; an F1 or a manual
+        threshold from labelled images cannot be re-derived without them: the hold-out, with a warning."""
         current = self.thresholds_
+        fpr = (current.target_fpr if current.rule == thresholds.HOLDOUT and current.source != thresholds.HOLDOUT_SOURCE
+               else None)
+        defects = self.method_.labelled_features()
+        if len(next(iter(defects.values()))):
+            scores = self.method_.score(defects, self.spec.input_size)[0]
+            return thresholds.from_holdout_and_defects(self.holdout_, scores, fpr, self.localizes)
         if current.rule == thresholds.HOLDOUT:
-            fpr = None if current.source == thresholds.HOLDOUT_SOURCE else current.target_fpr
             return thresholds.from_holdout(self.holdout_, fpr, self.localizes, log=True)
         logger.warning('the %s thresholds (%s) were chosen for the model before this change: using the training '
                        'hold-out until they are derived again', current.rule, current.source)

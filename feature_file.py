@@ -3,7 +3,8 @@
 An .npz archive (whatever its name: `<train_dir>.pkl` by default, as the ailia sample names it) of
 plain arrays: `meta`, one JSON text saying what produced the fit (backbone, preprocessing, method and
 its parameters, training settings, held-out scores, thresholds), and the arrays the method declares
-(`AnomalyMethod.expected_state`). It is read with allow_pickle=False after checking every member's
+(`AnomalyMethod.expected_state`), and the method's features of the labelled defects taught with
+--add_defects (`labelled_<name>`, AnomalyMethod.feature_state). It is read with allow_pickle=False after checking every member's
 header, so loading one cannot execute code; any fault is one FeatureFileError saying what is wrong.
 """
 import io
@@ -30,6 +31,8 @@ FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'fea
 FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'seed', 'method_options', 'contamination')
 # Largest feature file read, bytes of arrays once uncompressed (PatchCore banks of millions of patches fit).
 MAX_FEATURE_FILE_BYTES = 4 << 30
+# The features of labelled defect images (Detector.add_defects), K rows each, K >= 0, beside the method's state.
+LABELLED_PREFIX = 'labelled_'
 MAX_META_CHARS = 1 << 24  # the history holds a 64-character sha256 per image taught
 
 
@@ -46,8 +49,14 @@ def save(path, meta, method):
     header = dict(meta, format=FEATURE_FILE_FORMAT, version=FEATURE_FILE_VERSION,
                   method=method.name, method_params=method.params)
     buffer = io.BytesIO()
-    np.savez(buffer, meta=np.array(json.dumps(header)), **method.state())
+    np.savez(buffer, meta=np.array(json.dumps(header)), **arrays(method))
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def arrays(method):
+    """{member name: array} a feature file holds for `method`: its state and its labelled defects' features."""
+    labelled = {LABELLED_PREFIX + name: array for name, array in method.labelled_features().items()}
+    return dict(method.state(), **labelled)
 
 
 def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
@@ -77,6 +86,8 @@ def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
             method = _method_of(meta)
             arrays = _read_state(archive, method, max_bytes)
             method.load_state(arrays)
+            method.labelled_ = {name[len(LABELLED_PREFIX):]: array for name, array in arrays.items()
+                                if name.startswith(LABELLED_PREFIX)}
     except FeatureFileError:
         raise
     except _DamagedFile as e:
@@ -172,7 +183,8 @@ def _check_stored_size(info, f, nbytes, name):
 
 def _read_state(archive, method, max_bytes):
     """The arrays `method` declares (`expected_state`) from `archive`, after checking every member."""
-    expected = method.expected_state()
+    expected = dict(method.expected_state(), **{LABELLED_PREFIX + name: (('K*',) + shape, dtype)
+                                                for name, (shape, dtype) in method.feature_state().items()})
     members = {name[:-len('.npy')] for name in archive.namelist() if name.endswith('.npy')} - {'meta'}
     unexpected = sorted(set(archive.namelist()) - {f'{name}.npy' for name in expected} - {'meta.npy'})
     missing = sorted(set(expected) - members)

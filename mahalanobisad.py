@@ -90,6 +90,9 @@ def parse_args(argv=None):
     review_flags.add_argument('--add_good', type=cli.existing_dir, default=None, metavar='DIR',
                               help='teach the detector the good images in DIR (false alarms) without refitting; '
                                    'thresholds follow')
+    review_flags.add_argument('--add_defects', type=cli.existing_dir, default=None, metavar='DIR',
+                              help='teach the detector the defect images in DIR (missed defects): the threshold is '
+                                   'derived again from all labelled defects so far (F1, or --fpr kept with its recall)')
     review_flags.add_argument('--history', action='store_true',
                               help='print what the detector was taught, when and by whom (with --json: as JSON)')
     review_flags.add_argument('--undo', action='store_true', help='revert the latest change still in effect')
@@ -102,8 +105,8 @@ def parse_args(argv=None):
         p.error('--realtime needs -v/--video')
     if args.benchmark and (args.video is not None or args.watch is not None):
         p.error('-b/--benchmark times image inputs (-i)')
-    if sum((args.add_good is not None, args.history, args.undo)) > 1:
-        p.error('give one of --add_good, --history, --undo')
+    if sum((args.add_good is not None, args.add_defects is not None, args.history, args.undo)) > 1:
+        p.error('give one of --add_good, --add_defects, --history, --undo')
     return args
 
 
@@ -157,7 +160,7 @@ def decide_thresholds(detector, args, labelled):
 
 
 def review_feature_file(args, provider):
-    """--add_good, --undo, --history on the existing feature file -> the history entries."""
+    """--add_good, --add_defects, --undo, --history on the existing feature file -> the history entries."""
     feat_path = feature_file_path(args)
     if not os.path.exists(feat_path):
         raise UsageError(f'no feature file {feat_path} to review: fit one first (or pass -f)')
@@ -165,6 +168,8 @@ def review_feature_file(args, provider):
                    batch_size=args.batch_size, max_pixels=args.max_pixels, provider=provider)
     if args.add_good is not None:
         detector = review.add_good(feat_path, image_utils.list_images(args.add_good), args.by, **options)
+    elif args.add_defects is not None:
+        detector = review.add_defects(feat_path, image_utils.list_images(args.add_defects), args.by, **options)
     elif args.undo:
         detector = review.undo(feat_path, args.by, **options)
     else:
@@ -279,7 +284,7 @@ def main(argv=None):
     if args.export_size and not args.export:
         raise UsageError('--export_size needs --export PATH')
     detector = detector_from_args(args)
-    if args.add_good is not None or args.history or args.undo:
+    if args.add_good is not None or args.add_defects is not None or args.history or args.undo:
         return review_feature_file(args, detector.provider)
     detector.spec  # opens (or downloads) the backbone first: a bad -m fails before any other work
     image_mode = args.video is None and args.watch is None

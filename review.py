@@ -69,21 +69,24 @@ def _keep_undo_point(path, entry_id):
     return name, file_sha256(os.path.join(folder, name))
 
 
-def update(path, change, timeout=LOCK_TIMEOUT_S, **load_options):
-    """Load the feature file `path` under its lock, apply `change(detector)` (which may append one
-    history entry), and if it did, keep the undo point and save -> the updated Detector.
-    load_options: Detector.load's (model_dir, batch_size, ...)."""
-    with locked(path, timeout):
+def update(path, change, timeout=LOCK_TIMEOUT_S, write=True, **load_options):
+    """Load the feature file `path` under its lock, apply `change(detector)` (which appends a history
+    entry per change it makes), and if it made any, keep the undo point and save -> the updated Detector.
+    write False: a preview, nothing written. load_options: Detector.load's (model_dir, batch_size, ...)."""
+    with locked(path, timeout) if write else contextlib.nullcontext():
         detector = Detector.load(path, **load_options)
         entries = len(detector.meta_.setdefault('history', []))
         change(detector)
-        if len(detector.meta_['history']) == entries:
+        if not write or len(detector.meta_['history']) == entries:
             return detector
-        entry = detector.meta_['history'][-1]
-        entry['backup'], entry['backup_sha256'] = _keep_undo_point(path, entry['id'])
+        first = detector.meta_['history'][entries]  # the undo point is before the first of them
+        first['backup'], first['backup_sha256'] = _keep_undo_point(path, first['id'])
+        for entry in detector.meta_['history'][entries + 1:]:
+            entry['undone_with'] = first['id']  # one undo reverts them together
         detector.save(path)
-        logger.info('%s: %s of %d images recorded as change #%d (undo with --undo)', path, entry['kind'],
-                    entry['n_images'], entry['id'])
+        for entry in detector.meta_['history'][entries:]:
+            logger.info('%s: %s of %d images recorded as change #%d (undo with --undo)', path, entry['kind'],
+                        entry['n_images'], entry['id'])
         return detector
 
 
@@ -92,9 +95,15 @@ def add_good(path, images, by=None, **options):
     return update(path, lambda detector: detector.partial_fit(images, by=by), **options)
 
 
+def add_defects(path, images, by=None, **options):
+    """Teach the feature file `path` these labelled defects (Detector.add_defects) -> Detector."""
+    return update(path, lambda detector: detector.add_defects(images, by=by), **options)
+
+
 def undo(path, by=None, timeout=LOCK_TIMEOUT_S, **load_options):
-    """Revert the latest change still in effect: its undo point's model and thresholds, with the whole
-    history kept and the undo appended -> the restored Detector. UsageError when nothing can be undone."""
+    """Revert the latest change still in effect (with the changes applied together with it, as the
+    console's apply makes them): its undo point's model and thresholds, with the whole history kept and
+    an undo entry appended per change reverted -> the restored Detector. UsageError when nothing can be undone."""
     with locked(path, timeout):
         current = Detector.load(path, **load_options)
         entries = current.meta_.get('history', [])
@@ -105,9 +114,13 @@ def undo(path, by=None, timeout=LOCK_TIMEOUT_S, **load_options):
         if not os.path.isfile(point) or file_sha256(point) != entry.get('backup_sha256'):
             raise FeatureFileError(f'{path}: the undo point of change #{entry["id"]} ({point}) is missing or altered')
         restored = Detector.load(point, **load_options)
-        restored.meta_['history'] = entries + [history.new_entry(
-            entries, 'undo', by, [], current.thresholds_.to_meta(), restored.thresholds_.to_meta(),
-            restored.meta_['n_train_images'], undoes=entry['id'])]
+        reverted = [entry['id']] + [e['id'] for e in entries if e.get('undone_with') == entry['id']]
+        kept = list(entries)
+        for undone in reverted:
+            kept.append(history.new_entry(kept, 'undo', by, [], current.thresholds_.to_meta(),
+                                          restored.thresholds_.to_meta(), restored.meta_['n_train_images'],
+                                          undoes=undone))
+        restored.meta_['history'] = kept
         restored.loaded_from_ = path
         restored.save(path)
         logger.info('%s: undid change #%d (%s of %d images)', path, entry['id'], entry['kind'], entry['n_images'])

@@ -115,7 +115,7 @@ def test_partial_fit_of_images_equals_the_fit_on_all_and_records_it(taught, capl
     assert [image['sha256'] for image in entry['images']] == [history.image_sha256(p) for p in paths[8:11]]
     assert entry['skipped'] == [{'name': extra[0], 'why': 'already taught'}]  # 000.png, fitted on
     assert 'broken.png' not in json.dumps(entry)
-    assert 'already taught, skipped' in caplog.text and 'broken.png' in caplog.text
+    assert 'skipped (already taught)' in caplog.text and 'broken.png' in caplog.text
     assert entry['thresholds_before']['image'] is not None and entry['thresholds_after']['rule'] == 'holdout'
     # nothing new: nothing changes, no entry
     assert len(detector.partial_fit(extra).meta_['history']) == 2
@@ -182,3 +182,24 @@ def test_a_feature_file_of_another_method_or_backbone_is_refused(taught, capsys)
         assert message in err and len(err.strip().splitlines()) == 1
     with pytest.raises(UsageError):
         Detector(model_dir=model_dir).partial_fit(extra)
+
+
+def test_labelled_defects_are_kept_and_the_threshold_follows_them(taught, tmp_path):
+    """Defects taught: their features are stored, the threshold becomes F1-optimal between the held-out good
+    images and them (recall and hold-out FPR recorded); teaching good images later re-derives it from the
+    stored features (no images needed); a defect already taught is skipped."""
+    feat, paths, extra, model_dir = taught
+    copy = str(tmp_path / 'defects.pkl')
+    shutil.copy(feat, copy)
+    defects = [os.path.join(REPO, 'images', name) for name in ('broken_large_000.png', 'contamination_000.png')]
+    detector = review.add_defects(copy, defects + defects[:1], by='dora', model_dir=model_dir)
+    thresholds = detector.thresholds_
+    assert thresholds.rule == 'F1-optimal' and thresholds.calibration['n_defects'] == 2
+    assert thresholds.calibration['n_good'] == 8 and 0 <= thresholds.calibration['recall'] <= 1
+    stored = Detector.load(copy, model_dir=model_dir)
+    assert len(stored.method_.labelled_['pooled8']) == 2 and stored.thresholds_.calibration == thresholds.calibration
+    scores = stored.decision_function(defects)
+    assert np.mean(scores >= stored.threshold_) == thresholds.calibration['recall']
+    after = review.add_good(copy, paths[8:10], model_dir=model_dir, by='dora')
+    assert after.thresholds_.calibration['n_good'] == 10 and after.thresholds_.rule == 'F1-optimal'
+    assert len(review.add_defects(copy, defects[:1], model_dir=model_dir).meta_['history']) == 3  # nothing new
