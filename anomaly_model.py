@@ -20,11 +20,10 @@ once for every method over this interface. A new method is a class here and its 
 import dataclasses
 
 import numpy as np
-from scipy import linalg
 from scipy.ndimage import uniform_filter
 
 import leave_out
-from moments import Moments, ledoit_wolf_covariance, regularized_covariance
+from moments import Moments, ledoit_wolf_eigenvalues, regularized_covariance
 from errors import FeatureFileError, MethodError
 from feature_maps import embed_patches, patch_grid, pool_features, upsample_and_smooth
 from nearest_neighbours import (IVF_PROBES, NearestPatchIndex, chunked_coreset, coreset_chunk_share, ivf_centroids,
@@ -48,6 +47,7 @@ class MahalanobisAD:
         self.means_ = means or []
         self.precisions_ = precisions or []
         self.moments_ = moments or []
+        self.eigen_ = None  # (eigenvalues, vectors) of each level's scatter, once estimated here (not stored)
 
     def fit(self, train_features):
         """train_features: [(N, C_l) float, ...] pooled features of the N training images."""
@@ -60,15 +60,18 @@ class MahalanobisAD:
     def _estimate(self, moments):
         self.moments_ = moments
         self.means_ = [m.mean.astype(np.float32) for m in moments]
-        # pinvh, as LedoitWolf.get_precision
-        self.precisions_ = [linalg.pinvh(ledoit_wolf_covariance(m), check_finite=False).astype(np.float32)
-                            for m in moments]
+        # The shrunk covariance has the scatter's eigenvectors: one eigendecomposition of the scatter serves
+        # the precision (pinvh's, as LedoitWolf.get_precision) and the added images' held-out scores.
+        self.eigen_ = [np.linalg.eigh(m.scatter) for m in moments]
+        self.precisions_ = [_pinvh(ledoit_wolf_eigenvalues(m, values), vectors).astype(np.float32)
+                            for m, (values, vectors) in zip(moments, self.eigen_)]
         return self
 
     def leave_out_distances(self, features, groups):
         """[(M, C_l), ...] rows among those fitted, groups (M,) -> (G,) each image's summed distance under the
         model fitted without it (leave_out.ledoit_wolf_distances_from_moments)."""
-        return sum(leave_out.ledoit_wolf_distances_from_moments(m, f, groups) for m, f in zip(self.moments_, features))
+        return sum(leave_out.ledoit_wolf_distances_from_moments(m, f, groups, eigen)
+                   for m, f, eigen in zip(self.moments_, features, self.eigen_ or [None] * len(self.moments_)))
 
     def level_distances(self, features):
         """[(N, C_l), ...] -> (N, L) Mahalanobis distance of each image at each level."""
@@ -81,6 +84,13 @@ class MahalanobisAD:
     def score(self, features):
         """[(N, C_l), ...] -> (N,) image anomaly scores (sum of the per-level distances)."""
         return self.level_distances(features).sum(axis=1)
+
+
+def _pinvh(eigenvalues, vectors):
+    """scipy.linalg.pinvh from an eigendecomposition: eigenvalues at or below its cutoff count as 0."""
+    cutoff = np.abs(eigenvalues).max() * len(eigenvalues) * np.finfo(np.float64).eps
+    inverse = np.where(np.abs(eigenvalues) > cutoff, 1 / np.where(eigenvalues == 0, 1, eigenvalues), 0)
+    return (vectors * inverse) @ vectors.T
 
 
 class PixelGaussian:

@@ -20,6 +20,7 @@ PixelGaussian. Shapes: rows (n, C) float; groups (n,) int, the source image of e
 a group is its first row (the plain view). Returned distances follow np.unique(groups).
 """
 import numpy as np
+from scipy import linalg
 
 from moments import ledoit_wolf_shrinkage
 
@@ -129,20 +130,15 @@ def _ledoit_wolf_quadratic(coords, eigenvalues, members, n, c, fourth, cube):
 # From sufficient statistics (moments.Moments): the held-out scores of images just added to a model
 # ----------------------------------------------------------------------------------------------
 
-def _eigen_coordinates(moments, rows):
-    """(coordinates (..., m, C) of rows about the mean in the eigenbasis of the scatter, eigenvalues (..., C),
-    the basis (..., C, C))."""
-    eigenvalues, basis = np.linalg.eigh(moments.scatter)
-    centred = np.asarray(rows, np.float64) - moments.mean[..., None, :]
-    return centred @ basis, np.maximum(eigenvalues, 0), basis
-
-
-def ledoit_wolf_distances_from_moments(moments, rows, groups):
+def ledoit_wolf_distances_from_moments(moments, rows, groups, eigen=None):
     """ledoit_wolf_distances of the images whose rows (m, C) are among those `moments` (with cube and
-    fourth) describe, each left out of all n: one eigendecomposition of the C x C scatter, then each
-    image costs C^2 (rows, groups as in ledoit_wolf_distances) -> (G,)."""
+    fourth) describe, each left out of all n: one eigendecomposition of the C x C scatter (`eigen`,
+    (eigenvalues, basis) of np.linalg.eigh, where the caller has it), then each image costs C^2 (rows,
+    groups as in ledoit_wolf_distances) -> (G,)."""
     members, _ = _groups(groups)
-    coords, eigenvalues, basis = _eigen_coordinates(moments, rows)
+    eigenvalues, basis = np.linalg.eigh(moments.scatter) if eigen is None else eigen
+    eigenvalues = np.maximum(eigenvalues, 0)
+    coords = (np.asarray(rows, np.float64) - moments.mean) @ basis
     kept = eigenvalues > RELATIVE_EIGENVALUE_FLOOR * max(eigenvalues.max(), 1e-300)
     return _ledoit_wolf_quadratic(coords[:, kept], eigenvalues[kept], members, moments.count, moments.mean.shape[-1],
                                   moments.fourth, (moments.cube @ basis)[kept])
@@ -150,19 +146,22 @@ def ledoit_wolf_distances_from_moments(moments, rows, groups):
 
 def regularized_distances_from_moments(moments, rows, groups, regularization):
     """regularized_distances of the images whose rows (P, m, D) are among those `moments` (P positions)
-    describe, each left out of all n -> (P, G). One inverse of c1 S + c2 I per position (the
-    covariance of n - g rows scaled to the full scatter: an eigendecomposition would cost 3x more), then
-    Woodbury's identity in g x g per image."""
+    describe, each left out of all n -> (P, G). One Cholesky factor of A = c1 S + c2 I per position (the
+    covariance of n - g rows, with the full scatter: a sixth of an inverse's cost), then Woodbury's
+    identity in g x g per image, with U = sqrt(c1) D_G^T the left-out rows."""
     members, g = _groups(groups)
     n = moments.count
     c1 = 1.0 / (n - g - 1)
-    inverse = np.linalg.inv(c1 * moments.scatter + regularization * np.eye(moments.mean.shape[-1]))   # (P, D, D)
+    factors = np.linalg.cholesky(c1 * moments.scatter + regularization * np.eye(moments.mean.shape[-1]))
     centred = np.asarray(rows, np.float64) - moments.mean[:, None, :]                           # (P, m, D)
     left_out = centred[:, members] * np.sqrt(c1)                                                # (P, G, g, D)
     query = centred[:, members[:, 0]] + centred[:, members].sum(axis=2) / (n - g)              # (P, G, D)
-    applied_query = np.einsum('pij,pgj->pgi', inverse, query)                                   # A^-1 y
-    applied = np.einsum('pij,pgkj->pgki', inverse, left_out)                                   # (A^-1 U)^T
-    inner = (np.eye(g) - 1.0 / n) - applied @ np.swapaxes(left_out, -1, -2)                    # M^-1 - U^T A^-1 U
-    projected = np.einsum('pgkd,pgd->pgk', left_out, applied_query)[..., None]                 # U^T A^-1 y
+    # whitened by L^-1: y^T A^-1 y = |L^-1 y|^2, U^T A^-1 y = (L^-1 U)^T L^-1 y
+    columns = np.concatenate([query[:, :, None], left_out], axis=2)                             # (P, G, g + 1, D)
+    whitened = np.stack([linalg.solve_triangular(factor, position.reshape(-1, position.shape[-1]).T, lower=True)
+                         .T.reshape(position.shape) for factor, position in zip(factors, columns)])
+    wq, wu = whitened[:, :, 0], whitened[:, :, 1:]
+    inner = (np.eye(g) - 1.0 / n) - wu @ np.swapaxes(wu, -1, -2)                              # M^-1 - U^T A^-1 U
+    projected = np.einsum('pgkd,pgd->pgk', wu, wq)[..., None]                                   # U^T A^-1 y
     correction = (np.swapaxes(projected, -1, -2) @ np.linalg.solve(inner, projected))[..., 0, 0]
-    return np.sqrt(np.maximum(np.einsum('pgd,pgd->pg', query, applied_query) + correction, 0))
+    return np.sqrt(np.maximum(np.einsum('pgd,pgd->pg', wq, wq) + correction, 0))

@@ -6,7 +6,7 @@ where the estimator needs them (sklearn's Ledoit-Wolf shrinkage), the third and 
 the mean, t = sum |x - m|^2 (x - m) and f = sum |x - m|^4. Two sets' moments merge exactly (Chan et
 al.'s pairwise update, extended to t and f by shifting each set's moments to the joint mean), so a
 model updated with new images equals the model fitted on all of them, up to float64 rounding; and
-the Gaussians are estimated from moments in both cases (`ledoit_wolf_covariance`,
+the Gaussians are estimated from moments in both cases (`ledoit_wolf_eigenvalues`,
 `regularized_covariance`), so the fit and the update share one formula.
 """
 import dataclasses
@@ -117,14 +117,13 @@ def ledoit_wolf_shrinkage(count, channels, trace, frobenius, fourth):
     return (np.zeros_like(shrinkage) if channels == 1 else shrinkage), mu
 
 
-def ledoit_wolf_covariance(moments):
-    """sklearn's LedoitWolf covariance (empirical covariance shrunk towards mu I) from moments -> (C, C)."""
+def ledoit_wolf_eigenvalues(moments, scatter_eigenvalues):
+    """The eigenvalues of sklearn's LedoitWolf covariance (the empirical covariance shrunk towards mu I,
+    so with the scatter's eigenvectors) from moments and the scatter's eigenvalues (C,) -> (C,)."""
     channels = moments.mean.shape[-1]
     shrinkage, mu = ledoit_wolf_shrinkage(moments.count, channels, np.trace(moments.scatter),
                                           np.sum(moments.scatter ** 2), moments.fourth)
-    covariance = (1 - shrinkage) * moments.scatter / moments.count
-    covariance[np.diag_indices(channels)] += shrinkage * mu
-    return covariance
+    return (1 - shrinkage) * scatter_eigenvalues / moments.count + shrinkage * mu
 
 
 def regularized_covariance(moments, regularization):

@@ -286,6 +286,8 @@ class Console:
             self.detector = review.update(self.feat_path, self._change(labelled), **self._load_options())
             for result in labelled['normal'] + labelled['defect']:
                 self.results.pop(result['id'], None)
+                if result['kept']:
+                    os.unlink(result['path'])
         self.use_holdout_scores()
         return dict(self.review_queue(), model=self.model_card())
 
