@@ -21,13 +21,13 @@ import dataclasses
 
 import numpy as np
 from scipy.ndimage import uniform_filter
-from sklearn.covariance import LedoitWolf
 
 import leave_out
+from moments import Moments, ledoit_wolf_eigenvalues, regularized_covariance
 from errors import FeatureFileError, MethodError
 from feature_maps import embed_patches, patch_grid, pool_features, upsample_and_smooth
-from nearest_neighbours import (NearestPatchIndex, chunked_coreset, ivf_centroids, nearest_distances,
-                                squared_distances)
+from nearest_neighbours import (IVF_PROBES, NearestPatchIndex, chunked_coreset, coreset_chunk_share, ivf_centroids,
+                                ivf_list_count, nearest_distances, squared_distances)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -37,22 +37,41 @@ from nearest_neighbours import (NearestPatchIndex, chunked_coreset, ivf_centroid
 class MahalanobisAD:
     """Per-level Gaussians over pooled features; the image score is the summed distance.
 
-    Fitted state: means_[l] (C_l,), precisions_[l] (C_l, C_l), float32: estimated in float64,
-    stored and applied in float32, which moves scores by about 1e-7 relative and halves the cost.
+    Fitted state: moments_[l] (moments.Moments with the higher moments, float64: what partial_fit
+    updates exactly); means_[l] (C_l,), precisions_[l] (C_l, C_l), float32: estimated in float64 (as
+    sklearn's LedoitWolf, from the moments), stored and applied in float32, which moves scores by about
+    1e-7 relative and halves the cost.
     """
 
-    def __init__(self, means=None, precisions=None):
+    def __init__(self, means=None, precisions=None, moments=None):
         self.means_ = means or []
         self.precisions_ = precisions or []
+        self.moments_ = moments or []
+        self.eigen_ = None  # (eigenvalues, vectors) of each level's scatter, once estimated here (not stored)
 
     def fit(self, train_features):
         """train_features: [(N, C_l) float, ...] pooled features of the N training images."""
-        self.means_, self.precisions_ = [], []
-        for features in train_features:
-            estimator = LedoitWolf().fit(np.asarray(features, np.float64))
-            self.means_.append(estimator.location_.astype(np.float32))
-            self.precisions_.append(estimator.get_precision().astype(np.float32))
+        return self._estimate([Moments.of(features) for features in train_features])
+
+    def partial_fit(self, features):
+        """The model fitted on its training images and these ([(M, C_l), ...]) -> self."""
+        return self._estimate([m.merge(Moments.of(f)) for m, f in zip(self.moments_, features)])
+
+    def _estimate(self, moments):
+        self.moments_ = moments
+        self.means_ = [m.mean.astype(np.float32) for m in moments]
+        # The shrunk covariance has the scatter's eigenvectors: one eigendecomposition of the scatter serves
+        # the precision (pinvh's, as LedoitWolf.get_precision) and the added images' held-out scores.
+        self.eigen_ = [np.linalg.eigh(m.scatter) for m in moments]
+        self.precisions_ = [_pinvh(ledoit_wolf_eigenvalues(m, values), vectors).astype(np.float32)
+                            for m, (values, vectors) in zip(moments, self.eigen_)]
         return self
+
+    def leave_out_distances(self, features, groups):
+        """[(M, C_l), ...] rows among those fitted, groups (M,) -> (G,) each image's summed distance under the
+        model fitted without it (leave_out.ledoit_wolf_distances_from_moments)."""
+        return sum(leave_out.ledoit_wolf_distances_from_moments(m, f, groups, eigen)
+                   for m, f, eigen in zip(self.moments_, features, self.eigen_ or [None] * len(self.moments_)))
 
     def level_distances(self, features):
         """[(N, C_l), ...] -> (N, L) Mahalanobis distance of each image at each level."""
@@ -67,29 +86,48 @@ class MahalanobisAD:
         return self.level_distances(features).sum(axis=1)
 
 
+def _pinvh(eigenvalues, vectors):
+    """scipy.linalg.pinvh from an eigendecomposition: eigenvalues at or below its cutoff count as 0."""
+    cutoff = np.abs(eigenvalues).max() * len(eigenvalues) * np.finfo(np.float64).eps
+    inverse = np.where(np.abs(eigenvalues) > cutoff, 1 / np.where(eigenvalues == 0, 1, eigenvalues), 0)
+    return (vectors * inverse) @ vectors.T
+
+
 class PixelGaussian:
     """A Gaussian per patch position, over D channels.
 
-    Fitted state: mean_ (P, D) and precision_ (P, D, D) float32.
+    Fitted state: moments_ (moments.Moments per position, float64: what partial_fit updates exactly);
+    mean_ (P, D) and precision_ (P, D, D) float32.
     """
 
-    def __init__(self, regularization=0.01, mean=None, precision=None):
+    def __init__(self, regularization=0.01, mean=None, precision=None, moments=None):
         self.regularization = regularization  # added to the covariance diagonal, as in PaDiM
-        self.mean_, self.precision_ = mean, precision
+        self.mean_, self.precision_, self.moments_ = mean, precision, moments
 
     def fit(self, patches):
         """patches: (N, P, D) for N training images."""
-        n = patches.shape[0]
-        if n < 2:
+        if patches.shape[0] < 2:
             raise ValueError('need at least 2 training images')
-        by_position = np.ascontiguousarray(patches.transpose(1, 0, 2))
-        mean = by_position.mean(axis=1, dtype=np.float64)
-        centred = by_position - mean[:, None, :].astype(np.float32)
-        covariance = np.matmul(centred.transpose(0, 2, 1), centred, dtype=np.float64) / (n - 1)
-        covariance += self.regularization * np.eye(covariance.shape[-1])
-        self.mean_ = mean.astype(np.float32)
-        self.precision_ = np.linalg.inv(covariance).astype(np.float32)
+        return self._estimate(Moments.of(patches.transpose(1, 0, 2), higher=False))
+
+    def partial_fit(self, patches):
+        """The Gaussians fitted on their training images and these (M, P, D) -> self."""
+        return self._estimate(self.moments_.merge(Moments.of(patches.transpose(1, 0, 2), higher=False)))
+
+    def _estimate(self, moments):
+        self.moments_ = moments
+        self.mean_ = moments.mean.astype(np.float32)
+        self.precision_ = np.linalg.inv(regularized_covariance(moments, self.regularization)).astype(np.float32)
         return self
+
+    def added_leave_out_distances(self, patches, groups, chunk=16):
+        """patches (M, P, D), rows among those fitted (the images partial_fit just added) -> (G, P) their
+        distances under the Gaussians fitted without each (leave_out.regularized_distances_from_moments)."""
+        by_position = np.asarray(patches).transpose(1, 0, 2)
+        m = self.moments_
+        return np.concatenate([leave_out.regularized_distances_from_moments(
+            Moments(m.count, m.mean[p:p + chunk], m.scatter[p:p + chunk]), by_position[p:p + chunk], groups,
+            self.regularization) for p in range(0, len(by_position), chunk)]).T
 
     def leave_out_distances(self, patches, groups, chunk=16):
         """patches (N, P, D) of the N training rows this Gaussian was fitted on -> (G, P) each image's
@@ -152,6 +190,7 @@ class AnomalyMethod:
     fixed_params = {}
     seeded = False
     screened_by = None
+    labelled_ = None  # {name: (K, ...) float32}: features of K labelled defect images (Detector.add_defects)
 
     def __init__(self, **params):
         self.params = params
@@ -179,6 +218,16 @@ class AnomalyMethod:
         file checks a file against this before reading any array."""
         raise NotImplementedError
 
+    def feature_state(self):
+        """{name: (shape of one row, dtype)} of what `features` returns, from `params` alone."""
+        raise NotImplementedError
+
+    def labelled_features(self):
+        """labelled_, or none (K = 0) in the shapes feature_state declares."""
+        if self.labelled_ is not None:
+            return self.labelled_
+        return {name: np.zeros((0,) + shape, dtype) for name, (shape, dtype) in self.feature_state().items()}
+
     def holdout_scores(self, features, groups, output_size):
         """Each training image scored by this method as fitted on all the other images: leave one image
         out, exactly, without refitting (leave_out for the Gaussians; the image's own rows left out of the
@@ -189,6 +238,16 @@ class AnomalyMethod:
         view a new image is scored as), is scored. -> (image scores (G,), the largest value of each
         held-out map (G,) or None for a method without maps), in np.unique(groups) order.
         """
+        raise NotImplementedError
+
+    def partial_fit(self, features):
+        """Add the rows `features` (good images) to the fitted state, in time proportional to them -> self.
+        Exact for the Gaussians (their moments merge); SPADE appends; PatchCore continues its coreset."""
+        raise NotImplementedError
+
+    def added_holdout_scores(self, features, groups, output_size):
+        """holdout_scores of the images partial_fit just added (features, groups: their rows), each under
+        the updated method without it -> (image scores (G,), map maxima (G,) or None)."""
         raise NotImplementedError
 
     def _channels(self, levels):
@@ -232,7 +291,21 @@ def _is_int(value):
 
 def _gaussian_state(positions, dims):
     """Declared state of a PixelGaussian over `positions` patches of `dims` channels."""
-    return {'pixel_mean': ((positions, dims), 'float32'), 'pixel_precision': ((positions, dims, dims), 'float32')}
+    return dict({'pixel_mean': ((positions, dims), 'float32'), 'pixel_precision': ((positions, dims, dims), 'float32')},
+                **Moments.declared('pixel_moments', (positions,), dims, higher=False))
+
+
+def _gaussian_arrays(gaussian):
+    """The arrays _gaussian_state declares, of a fitted PixelGaussian."""
+    return dict(pixel_mean=gaussian.mean_, pixel_precision=gaussian.precision_,
+                **gaussian.moments_.arrays('pixel_moments'))
+
+
+def _load_gaussian(arrays):
+    moments = Moments.from_arrays(arrays, 'pixel_moments')
+    if moments.count < 2:
+        raise FeatureFileError(f'pixel moments of {moments.count} images: a Gaussian needs at least 2')
+    return PixelGaussian(mean=arrays['pixel_mean'], precision=arrays['pixel_precision'], moments=moments)
 
 
 class MahalanobisMethod(AnomalyMethod):
@@ -279,13 +352,28 @@ class MahalanobisMethod(AnomalyMethod):
         patches = self.pixel_model_.leave_out_distances(features['patches'], groups)
         return scores, _map_maxima(patches, self.params['grid'], output_size)
 
+    def partial_fit(self, features):
+        self.image_model_.partial_fit([features[f'pooled{l}'] for l in self.params['image_levels']])
+        if self.pixel_model_ is not None:
+            self.pixel_model_.partial_fit(features['patches'])
+        return self
+
+    def added_holdout_scores(self, features, groups, output_size):
+        scores = self.image_model_.leave_out_distances([features[f'pooled{l}'] for l in self.params['image_levels']],
+                                                       groups)
+        if self.pixel_model_ is None:
+            return scores, None
+        patches = self.pixel_model_.added_leave_out_distances(features['patches'], groups)
+        return scores, _map_maxima(patches, self.params['grid'], output_size)
+
     def state(self):
         arrays = {}
-        for l, mean, precision in zip(self.params['image_levels'], self.image_model_.means_,
-                                      self.image_model_.precisions_):
+        for l, mean, precision, moments in zip(self.params['image_levels'], self.image_model_.means_,
+                                               self.image_model_.precisions_, self.image_model_.moments_):
             arrays[f'image_mean_{l}'], arrays[f'image_precision_{l}'] = mean, precision
+            arrays.update(moments.arrays(f'image_moments_{l}'))
         if self.pixel_model_ is not None:
-            arrays['pixel_mean'], arrays['pixel_precision'] = self.pixel_model_.mean_, self.pixel_model_.precision_
+            arrays.update(_gaussian_arrays(self.pixel_model_))
         return arrays
 
     def expected_state(self):
@@ -297,16 +385,24 @@ class MahalanobisMethod(AnomalyMethod):
             channels = shapes[level][0]
             state[f'image_mean_{level}'] = ((channels,), 'float32')
             state[f'image_precision_{level}'] = ((channels, channels), 'float32')
+            state.update(Moments.declared(f'image_moments_{level}', (), channels, higher=True))
         if self.params.get('pixel_levels'):
             state.update(_gaussian_state(self._grid() ** 2, self._channels(self.params['pixel_levels'])))
+        return state
+
+    def feature_state(self):
+        shapes = self.params['feature_shapes']
+        state = {f'pooled{l}': ((shapes[l][0],), 'float32') for l in self.params['image_levels']}
+        if self.params.get('pixel_levels'):
+            state['patches'] = ((self._grid() ** 2, self._channels(self.params['pixel_levels'])), 'float32')
         return state
 
     def load_state(self, arrays):
         levels = self.params['image_levels']
         self.image_model_ = MahalanobisAD([arrays[f'image_mean_{l}'] for l in levels],
-                                          [arrays[f'image_precision_{l}'] for l in levels])
-        self.pixel_model_ = (PixelGaussian(mean=arrays['pixel_mean'], precision=arrays['pixel_precision'])
-                             if self.localizes else None)
+                                          [arrays[f'image_precision_{l}'] for l in levels],
+                                          [Moments.from_arrays(arrays, f'image_moments_{l}') for l in levels])
+        self.pixel_model_ = _load_gaussian(arrays) if self.localizes else None
         return self
 
 
@@ -339,13 +435,22 @@ class PadimMethod(AnomalyMethod):
                              output_size)
         return maxima, maxima  # the image score is the map's maximum
 
+    def partial_fit(self, features):
+        self.gaussian_.partial_fit(features['patches'])
+        return self
+
+    def added_holdout_scores(self, features, groups, output_size):
+        maxima = _map_maxima(self.gaussian_.added_leave_out_distances(features['patches'], groups),
+                             self.params['grid'], output_size)
+        return maxima, maxima
+
     def score(self, features, output_size):
         grid = self.params['grid']
         maps = upsample_and_smooth(self.gaussian_.distances(features['patches']).reshape(-1, grid, grid), output_size)
         return maps.reshape(len(maps), -1).max(axis=1), maps
 
     def state(self):
-        return {'pixel_mean': self.gaussian_.mean_, 'pixel_precision': self.gaussian_.precision_}
+        return _gaussian_arrays(self.gaussian_)
 
     def expected_state(self):
         total = self._channels(self.params.get('levels'))
@@ -354,8 +459,11 @@ class PadimMethod(AnomalyMethod):
                                f'a sorted subset of the {total} channels')
         return _gaussian_state(self._grid() ** 2, len(channels))
 
+    def feature_state(self):
+        return {'patches': ((self._grid() ** 2, len(self.params['channels'])), 'float32')}
+
     def load_state(self, arrays):
-        self.gaussian_ = PixelGaussian(mean=arrays['pixel_mean'], precision=arrays['pixel_precision'])
+        self.gaussian_ = _load_gaussian(arrays)
         return self
 
 
@@ -390,6 +498,18 @@ class SpadeMethod(AnomalyMethod):
         scores, distances = self._nearest(features['pooled'][plain], features['patches'][plain], own)
         return scores, _map_maxima(distances, self.params['grid'], output_size)
 
+    def partial_fit(self, features):
+        self.train_pooled_ = np.concatenate([self.train_pooled_, features['pooled']])
+        self.train_patches_ = np.concatenate([self.train_patches_, features['patches']])
+        return self
+
+    def added_holdout_scores(self, features, groups, output_size):
+        plain = first_rows(groups)
+        own = np.zeros((len(plain), len(self.train_pooled_)), bool)  # the added rows are the last ones
+        own[:, len(own[0]) - len(groups):] = groups[plain][:, None] == groups[None, :]
+        scores, distances = self._nearest(features['pooled'][plain], features['patches'][plain], own)
+        return scores, _map_maxima(distances, self.params['grid'], output_size)
+
     def _nearest(self, pooled, patches, excluded=None):
         """(image scores (Q,), patch distances (Q, P)) of Q images: the mean distance to the k nearest
         training rows by pooled features, and each patch's distance to the nearest patch of those rows.
@@ -415,6 +535,10 @@ class SpadeMethod(AnomalyMethod):
         return {'train_pooled': (('N', pooled), 'float32'),
                 'train_patches': (('N', self._grid() ** 2, self._channels(self.params.get('levels'))), 'float32')}
 
+    def feature_state(self):
+        return {'pooled': ((self.params['feature_shapes'][self.params['image_level']][0],), 'float32'),
+                'patches': ((self._grid() ** 2, self._channels(self.params['levels'])), 'float32')}
+
     def load_state(self, arrays):
         self.train_pooled_, self.train_patches_ = arrays['train_pooled'], arrays['train_patches']
         return self
@@ -436,6 +560,7 @@ class PatchCoreMethod(AnomalyMethod):
     localizes = True
     exact_search = False
     bank_rows_ = None  # set by fit, not stored: it serves the hold-out only
+    added_bank_rows_ = None  # set by partial_fit, not stored: (bank indices, their rows among the added ones)
 
     def configure(self, shapes, input_size):
         super().configure(shapes, input_size)
@@ -462,6 +587,27 @@ class PatchCoreMethod(AnomalyMethod):
         self.bank_rows_ = chosen // patches.shape[1]  # each bank row's training row, for the hold-out
         return self.set_bank(bank, ivf_centroids(bank, self.params['seed']))
 
+    def partial_fit(self, features):
+        """The new images' patches become further chunks of the coreset, the first continuing from the
+        bank's last chunk's share (what the fit's next chunk would have started from: chunked_coreset),
+        appended to the bank. The index keeps its lists (new rows filed under their nearest centre)
+        until the bank has grown so that ivf_centroids would make half as many lists again: then
+        k-means runs again on the whole bank."""
+        patches = features['patches']
+        ratio, n_lists = self.params['coreset_ratio'], len(self.centroids_)
+        continued = self.bank_[-coreset_chunk_share(ratio, patches.shape[1]):]
+        chosen = chunked_coreset(patches, ratio, projection_dims=self.params['projection_dims'],
+                                 seed=self.params['seed'], start=continued)
+        self.added_bank_rows_ = len(self.bank_) + np.arange(len(chosen)), chosen // patches.shape[1]
+        bank = np.concatenate([self.bank_, patches.reshape(-1, patches.shape[-1])[chosen]])
+        wanted = ivf_list_count(len(bank))
+        retrain = wanted >= 1.5 * n_lists if n_lists else wanted >= 2 * IVF_PROBES
+        return self.set_bank(bank, ivf_centroids(bank, self.params['seed']) if retrain else self.centroids_)
+
+    def added_holdout_scores(self, features, groups, output_size):
+        bank_index, rows = self.added_bank_rows_
+        return self._holdout(features['patches'], groups, bank_index, groups[rows], output_size)
+
     def set_bank(self, bank, centroids):
         self.bank_, self.centroids_ = bank, centroids
         self.index_ = NearestPatchIndex(bank, centroids)
@@ -473,9 +619,13 @@ class PatchCoreMethod(AnomalyMethod):
         return scores, upsample_and_smooth(distances.reshape(-1, grid, grid), output_size)
 
     def holdout_scores(self, features, groups, output_size):
-        # Each image searched against the bank without its own patches (a new image's are not in it either).
-        bank_groups = groups[self.bank_rows_]
-        scores, distances = zip(*(self._nearest(features['patches'][row:row + 1], np.flatnonzero(bank_groups == group))
+        return self._holdout(features['patches'], groups, np.arange(len(self.bank_)), groups[self.bank_rows_],
+                             output_size)
+
+    def _holdout(self, patches, groups, bank_index, bank_groups, output_size):
+        """Each image searched against the bank without its own patches (a new image's are not in it
+        either). bank_index: bank rows that come from these images; bank_groups: the image of each."""
+        scores, distances = zip(*(self._nearest(patches[row:row + 1], bank_index[bank_groups == group])
                                   for group, row in zip(groups[first_rows(groups)], first_rows(groups))))
         distances = np.concatenate(distances)
         return np.concatenate(scores), _map_maxima(distances, self.params['grid'], output_size)
@@ -509,6 +659,9 @@ class PatchCoreMethod(AnomalyMethod):
         self._grid()
         channels = self._channels(self.params.get('levels'))
         return {'memory_bank': (('M', channels), 'float32'), 'bank_centroids': (('L*', channels), 'float32')}
+
+    def feature_state(self):
+        return {'patches': ((self._grid() ** 2, self._channels(self.params['levels'])), 'float32')}
 
     def load_state(self, arrays):
         bank, centroids = arrays['memory_bank'], arrays['bank_centroids']

@@ -31,6 +31,7 @@ import conditions
 import export_onnx
 import feature_file
 import fusion
+import history
 import holdout
 import image_utils
 import model_utils
@@ -282,7 +283,7 @@ class Detector:
     # fit
     # ------------------------------------------------------------------------------------------
 
-    def fit(self, images, source=None):
+    def fit(self, images, source=None, by=None):
         """Fit the method on good images (plus aug_num augmented views of each) -> self.
 
         Unreadable images are skipped with a warning; at least 2 must be readable. Also computes
@@ -296,7 +297,9 @@ class Detector:
         first (smallest) size and every size is fitted without the images it leaves out. source: what
         the images are (the CLI passes the training directory), recorded in meta_. The bit depth of
         16-bit image files is learnt first (bit_depth_), so `images` is read twice when it holds such
-        files (an iterator is turned into a list for that).
+        files (an iterator is turned into a list for that). The fit is the first entry of
+        meta_['history'] (history.py), with the sha256 of every image fitted on; by: who fitted
+        (default the OS user).
         """
         if not isinstance(images, collections.abc.Sequence):
             images = list(images)
@@ -336,6 +339,11 @@ class Detector:
         if self.footings_:
             self.meta_['scale_holdout'] = [h.to_meta() for h in scale_holdout]
         self.thresholds_ = thresholds.from_holdout(held_out, localizes=self.localizes, log=False)
+        excluded_groups = {group for group, _, _ in excluded}
+        fitted = [(training.names[i], history.image_sha256(images[i])) for i in sorted(training.names)
+                  if i not in excluded_groups]
+        self.meta_['history'] = [history.new_entry([], 'fit', by, fitted, None, self.thresholds_.to_meta(),
+                                                   self.meta_['n_train_images'])]
         return self
 
     def _quantized_backbone(self, images):
@@ -354,10 +362,121 @@ class Detector:
             self.model, self.model_dir, self.model_url, self.provider)[1].onnx_path, preprocessing.tensors(views))
         return model_bytes, dict(made, sha256=quantize.sha256(model_bytes), bytes=len(model_bytes))
 
-    def _training_features(self, images, methods):
+    def partial_fit(self, images, by=None):
+        """Teach the fitted detector more good images, without refitting -> self.
+
+        Costs time proportional to the new images (AnomalyMethod.partial_fit: exact for the Gaussians,
+        which keep their moments; SPADE appends; PatchCore extends its coreset). The new images' held-out
+        scores (each under the updated model without it) join the training images' (those are kept as
+        they were: each under the model it was held out of then), and the thresholds follow by their
+        rule (`_thresholds_after_change`). An image already taught (same sha256) is skipped with a note,
+        an unreadable one with a warning; neither is recorded as taught. The change is an entry of
+        meta_['history'] (history.py), by `by` (default the OS user); nothing at all to add changes
+        nothing (no entry). images: as for fit; augmented views as the fit made them (aug_num).
+        """
+        entries = self.meta_.setdefault('history', []) if self.meta_ else []
+        return self._teach('add_good', images, by, self._learn_good_images, {
+            'already taught': history.taught_digests(entries),
+            'taught as a defect': history.taught_digests(entries, ('add_defects',))})
+
+    def add_defects(self, images, by=None):
+        """Teach the detector labelled defects (missed by it, found by an operator) -> self.
+
+        Their features (the method's, of each image's plain view) are kept with the fitted state
+        (method_.labelled_, stored in the feature file), so the thresholds are derived again from all the
+        labelled defects so far after every change, without the images or the backbone
+        (`_thresholds_after_change`: F1-optimal between them and the held-out good images, or a stated FPR
+        kept with its recall measured). Already taught images (same sha256, as defect or as good) are
+        skipped with a note, unreadable ones with a warning; the change is a history entry.
+        """
+        entries = self.meta_.setdefault('history', []) if self.meta_ else []
+        return self._teach('add_defects', images, by, self._learn_defects, {
+            'already taught as a defect': history.taught_digests(entries, ('add_defects',)),
+            'taught as a good image': history.taught_digests(entries)})
+
+    def _teach(self, kind, images, by, learn, known):
+        """The new images among `images` (`_new_images`, known: {why skipped: sha256 set}) read, then
+        `learn(training features, number of images)`, the thresholds derived again and the change recorded
+        as a history entry of `kind` -> self (unchanged where nothing is new)."""
+        self._check_fitted()
+        if len(self.methods_) > 1:
+            raise UsageError('teaching a detector fitted at several input sizes is not supported: fit it again '
+                             'with the images added to the training folder')
+        fresh, digests, skipped = self._new_images(images, known)
+        training = self._training_features(fresh, self.methods_, configure=False)
+        added = sorted(training.names)
+        if not added:
+            logger.info('no new image to teach: nothing changed')
+            return self
+        before = self.thresholds_.to_meta()
+        learn(training, len(added))
+        self.thresholds_ = self._thresholds_after_change()
+        entries = self.meta_['history']
+        entries.append(history.new_entry(entries, kind, by, [(training.names[i], digests[i]) for i in added], before,
+                                         self.thresholds_.to_meta(), self.meta_['n_train_images'], skipped=skipped))
+        return self
+
+    def _learn_good_images(self, training, count):
+        logger.info('teaching %s %d new good images (%d views)', self.method, count, len(training.groups))
+        self.method_.partial_fit(training.features[0])
+        scores, maxima = self.method_.added_holdout_scores(training.features[0], training.groups, self.output_size)
+        old = self.holdout_
+        held_out = holdout.HoldoutScores(
+            np.concatenate([old.image, scores]),
+            None if maxima is None or old.pixel_maxima is None else np.concatenate([old.pixel_maxima, maxima]))
+        self.meta_.update(held_out.to_meta(), n_train_images=self.meta_['n_train_images'] + count)
+
+    def _learn_defects(self, training, count):
+        logger.info('keeping the features of %d labelled defects', count)
+        plain = anomaly_model.select_features(training.features[0], training.plain)
+        known = self.method_.labelled_features()
+        self.method_.labelled_ = {name: np.concatenate([known[name], plain[name]]) for name in known}
+
+    def _new_images(self, images, known):
+        """The images not yet taught -> (images, their sha256, skipped [{name, why}]). known: {why: set of
+        sha256}; an unreadable file is left out with a warning (and not recorded)."""
+        fresh, digests, skipped, seen = [], [], [], set()
+        for index, image in enumerate(images):
+            name = history.image_name(image, index)
+            try:
+                digest = history.image_sha256(image)
+            except OSError as e:
+                logger.warning('skipping unreadable image %s: %s', name, e.strerror or e)
+                continue
+            why = next((why for why, digests_ in known.items() if digest in digests_),
+                       'given twice' if digest in seen else None)
+            if why:
+                logger.info('skipped (%s): %s (sha256 %s)', why, name, digest[:16])
+                skipped.append({'name': name, 'why': why})
+                continue
+            seen.add(digest)
+            fresh.append(image)
+            digests.append(digest)
+        return fresh, digests, skipped
+
+    def _thresholds_after_change(self):
+        """The thresholds by the current ones' rule, after the model, its held-out scores or the labelled
+        defects changed: with labelled defects, thresholds.from_holdout_and_defects (a stated FPR kept,
+        else F1-optimal); otherwise a hold-out rule again at its false-positive rate; an F1 or a manual
+        threshold from labelled images cannot be re-derived without them: the hold-out, with a warning."""
+        current = self.thresholds_
+        fpr = (current.target_fpr if current.rule == thresholds.HOLDOUT and current.source != thresholds.HOLDOUT_SOURCE
+               else None)
+        defects = self.method_.labelled_features()
+        if len(next(iter(defects.values()))):
+            scores = self.method_.score(defects, self.output_size)[0]
+            return thresholds.from_holdout_and_defects(self.holdout_, scores, fpr, self.localizes)
+        if current.rule == thresholds.HOLDOUT:
+            return thresholds.from_holdout(self.holdout_, fpr, self.localizes, log=True)
+        logger.warning('the %s thresholds (%s) were chosen for the model before this change: using the training '
+                       'hold-out until they are derived again', current.rule, current.source)
+        return thresholds.from_holdout(self.holdout_, localizes=self.localizes, log=True)
+
+    def _training_features(self, images, methods, configure=True):
         """Stream the training images through the backbone at each input size -> _TrainingFeatures;
         configures each size's method in `methods` (and the screening method) on its first batch's
-        feature maps."""
+        feature maps, unless configure is False (fitted methods: the maps' shapes are checked against
+        them)."""
         preprocessing, extractor = self.preprocessing, self.extractor
         batches, screen_batches, groups, plain_rows, names, image_sizes = [[] for _ in methods], [], [], [], {}, set()
         measures, pooled_batches = {}, []
@@ -384,7 +503,9 @@ class Detector:
                 for scale, (method, size) in enumerate(zip(methods, self.input_sizes)):
                     for start in range(0, len(views[scale]), self.batch_size):
                         feature_maps = extractor(preprocessing.tensors(views[scale][start:start + self.batch_size]))
-                        if not batches[scale]:
+                        if not configure:
+                            self._check_feature_shapes(method, feature_maps)
+                        elif not batches[scale]:
                             self._configure(method, feature_maps, size, warn=scale == 0)
                             if scale == 0:
                                 screen = self._screening_method(method, feature_maps)

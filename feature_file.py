@@ -3,13 +3,15 @@
 An .npz archive (whatever its name: `<train_dir>.pkl` by default, as the ailia sample names it) of
 plain arrays: `meta`, one JSON text saying what produced the fit (backbone, preprocessing, method and
 its parameters, training settings, held-out scores, thresholds), and the arrays the method declares
-(`AnomalyMethod.expected_state`). A detector fitted at several input sizes holds one method per size:
-meta's input_size, resize_size and method_params are then lists (in ascending input size), each
-size's held-out scores are in scale_holdout, and each size's arrays carry the prefix `input<S>_`.
-With an int8 backbone (meta `int8` true), `int8_backbone` holds the quantized backbone's ONNX model as
-uint8 bytes, whose sha256 and size meta `int8_backbone` records. It is read with allow_pickle=False
-after checking every member's header, so loading one cannot execute code (the int8 backbone is parsed
-by onnxruntime, a protobuf: no code either); any fault is one FeatureFileError saying what is wrong.
+(`AnomalyMethod.expected_state`), and the method's features of the labelled defects taught with
+--add_defects (`labelled_<name>`, AnomalyMethod.feature_state). A detector fitted at several input
+sizes holds one method per size: meta's input_size, resize_size and method_params are then lists (in
+ascending input size), each size's held-out scores are in scale_holdout, and each size's arrays carry
+the prefix `input<S>_`. With an int8 backbone (meta `int8` true), `int8_backbone` holds the quantized
+backbone's ONNX model as uint8 bytes, whose sha256 and size meta `int8_backbone` records. It is read
+with allow_pickle=False after checking every member's header, so loading one cannot execute code (the
+int8 backbone is parsed by onnxruntime, a protobuf: no code either); any fault is one
+FeatureFileError saying what is wrong.
 """
 import hashlib
 import io
@@ -20,6 +22,7 @@ import zipfile
 import numpy as np
 
 import conditions
+import history
 import image_utils
 import thresholds
 from anomaly_model import METHODS
@@ -28,14 +31,17 @@ from file_io import atomic_write_bytes
 from holdout import check_contamination
 
 FEATURE_FILE_FORMAT = 'mahalanobisad-features'
-FEATURE_FILE_VERSION = 3  # 3: method_params hold the feature shapes the arrays follow from
+FEATURE_FILE_VERSION = 4  # 3: method_params hold the feature shapes the arrays follow from; 4: the Gaussians'
+# moments (what partial_fit updates), the history of changes
 # Settings that change the features themselves: a feature file fitted with others cannot be used.
 FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names', 'method', 'int8')
 # Settings of the fit: the CLI does not silently reuse a default-named feature file fitted with others.
 FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'aug_rotate', 'seed', 'method_options', 'contamination')
 # Largest feature file read, bytes of arrays once uncompressed (PatchCore banks of millions of patches fit).
 MAX_FEATURE_FILE_BYTES = 4 << 30
-MAX_META_CHARS = 1 << 20
+# The features of labelled defect images (Detector.add_defects), K rows each, K >= 0, beside the method's state.
+LABELLED_PREFIX = 'labelled_'
+MAX_META_CHARS = 1 << 24  # the history holds a 64-character sha256 per image taught
 
 
 def check_settings(name, meta, settings, keys, what, hint):
@@ -58,13 +64,19 @@ def save(path, meta, methods, int8_backbone=None):
     meta['int8'] is true."""
     header = dict(meta, format=FEATURE_FILE_FORMAT, version=FEATURE_FILE_VERSION, method=methods[0].name,
                   method_params=methods[0].params if len(methods) == 1 else [m.params for m in methods])
-    arrays = {prefix + name: array for prefix, method in zip(scale_prefixes(meta.get('input_size')), methods)
-              for name, array in method.state().items()}
+    members = {prefix + name: array for prefix, method in zip(scale_prefixes(meta.get('input_size')), methods)
+               for name, array in arrays(method).items()}
     if int8_backbone is not None:
-        arrays[INT8_MEMBER] = np.frombuffer(int8_backbone, np.uint8)
+        members[INT8_MEMBER] = np.frombuffer(int8_backbone, np.uint8)
     buffer = io.BytesIO()
-    np.savez(buffer, meta=np.array(json.dumps(header)), **arrays)
+    np.savez(buffer, meta=np.array(json.dumps(header)), **members)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def arrays(method):
+    """{member name: array} a feature file holds for `method`: its state and its labelled defects' features."""
+    labelled = {LABELLED_PREFIX + name: array for name, array in method.labelled_features().items()}
+    return dict(method.state(), **labelled)
 
 
 def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
@@ -98,8 +110,10 @@ def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
             arrays = _read_state(archive, expected, max_bytes, scales[0][1].name)
             int8_backbone = _int8_backbone(arrays.pop(INT8_MEMBER, None), meta)
             for prefix, method in scales:
-                method.load_state({name[len(prefix):]: array for name, array in arrays.items()
-                                   if name.startswith(prefix)})
+                own = {name[len(prefix):]: array for name, array in arrays.items() if name.startswith(prefix)}
+                method.load_state(own)
+                method.labelled_ = {name[len(LABELLED_PREFIX):]: array for name, array in own.items()
+                                    if name.startswith(LABELLED_PREFIX)}
     except FeatureFileError:
         raise
     except _DamagedFile as e:
@@ -160,10 +174,13 @@ def _methods_of(meta):
 
 
 def _expected_state(scales):
-    """{prefixed name: (shape, dtype)} of every size's arrays; a size the params leave open (a letter)
-    is its own per input size."""
+    """{prefixed name: (shape, dtype)} of every size's arrays (the method's state and its labelled
+    defects' features, K of them, K >= 0); a size the params leave open (a letter) is its own per input
+    size."""
+    declared = lambda method: dict(method.expected_state(), **{  # noqa: E731
+        LABELLED_PREFIX + name: (('K*',) + shape, dtype) for name, (shape, dtype) in method.feature_state().items()})
     return {prefix + name: (tuple(prefix + n if isinstance(n, str) else n for n in shape), dtype)
-            for prefix, method in scales for name, (shape, dtype) in method.expected_state().items()}
+            for prefix, method in scales for name, (shape, dtype) in declared(method).items()}
 
 
 def _open_member(archive, name):
@@ -345,6 +362,10 @@ def check_meta(path, meta):
     rotation = meta.get('aug_rotate')
     if rotation is not None and not (_finite_number(rotation) and 0 <= rotation <= 180):
         damaged(f'aug_rotate {str(rotation)[:50]} is not a number of degrees in 0..180')
+    try:
+        history.check(meta.get('history', []))
+    except ValueError as e:
+        damaged(str(e))
     excluded = meta.get('excluded_train_images', [])
     if not (isinstance(excluded, list) and all(isinstance(name, str) for name in excluded)):
         damaged('excluded_train_images is not a list of names')

@@ -20,6 +20,9 @@ PixelGaussian. Shapes: rows (n, C) float; groups (n,) int, the source image of e
 a group is its first row (the plain view). Returned distances follow np.unique(groups).
 """
 import numpy as np
+from scipy import linalg
+
+from moments import ledoit_wolf_shrinkage
 
 RELATIVE_EIGENVALUE_FLOOR = 1e-12  # eigen-directions below this share of the largest carry no data
 
@@ -86,33 +89,79 @@ def ledoit_wolf_distances(rows, groups):
     """Leave-one-image-out distances under sklearn's LedoitWolf Gaussian (empirical covariance shrunk
     towards mu I by the Ledoit-Wolf coefficient, both recomputed without the image): rows (n, C) -> (G,)."""
     rows = np.asarray(rows, np.float64)
-    members, g = _groups(groups)
-    n, c = rows.shape
+    members, _ = _groups(groups)
     coords, eigenvalues = span_coordinates(rows - rows.mean(axis=0))
+    coords, eigenvalues = _kept(coords, eigenvalues)
+    norms = np.einsum('nr,nr->n', coords, coords)
+    return _ledoit_wolf_quadratic(coords, eigenvalues, members, len(rows), rows.shape[1], np.sum(norms ** 2),
+                                  coords.T @ norms)
+
+
+def _kept(coords, eigenvalues):
+    """The eigen-directions that carry data (RELATIVE_EIGENVALUE_FLOOR)."""
     kept = eigenvalues > RELATIVE_EIGENVALUE_FLOOR * max(eigenvalues.max(), 1e-300)
-    coords, eigenvalues = coords[:, kept], eigenvalues[kept]
+    return coords[..., kept], eigenvalues[kept]
+
+
+def _ledoit_wolf_quadratic(coords, eigenvalues, members, n, c, fourth, cube):
+    """Distances of every group's query under the Ledoit-Wolf Gaussian without the group. coords: the
+    rows of `members` (and possibly others) in the eigenbasis of the scatter of all n rows, eigenvalues
+    that scatter's; fourth = sum |x - m|^4 and cube = sum |x - m|^2 (x - m) (in that basis) of all n rows."""
+    g = members.shape[1]
     left_out, shift, m = _downdate(coords, eigenvalues, members, n)
     n_kept = n - g
     gram = left_out @ np.swapaxes(left_out, -1, -2)                                    # (G, g, g)
     weighted = (left_out * eigenvalues) @ np.swapaxes(left_out, -1, -2)
-    trace = (eigenvalues.sum() - np.einsum('ab,gab->g', m, gram)) / n_kept
+    trace = eigenvalues.sum() - np.einsum('ab,gab->g', m, gram)
     mg = m @ gram
     frobenius = (np.sum(eigenvalues ** 2) - 2 * np.einsum('ab,gab->g', m, weighted)
-                 + np.einsum('gab,gba->g', mg, mg)) / n_kept ** 2
+                 + np.einsum('gab,gba->g', mg, mg))
     # sum over the kept rows of |x - m_K|^4: all rows' sum with the mean shifted, less the left-out rows'
-    norms = np.einsum('nr,nr->n', coords, coords)
     shift_norm = np.einsum('gr,gr->g', shift, shift)
-    all_rows = (np.sum(norms ** 2) + 4 * np.einsum('gr,r,gr->g', shift, eigenvalues, shift) + n * shift_norm ** 2
-                + 4 * shift @ (coords.T @ norms) + 2 * shift_norm * eigenvalues.sum())
+    all_rows = (fourth + 4 * np.einsum('gr,r,gr->g', shift, eigenvalues, shift) + n * shift_norm ** 2
+                + 4 * shift @ cube + 2 * shift_norm * eigenvalues.sum())
     left_out_rows = np.sum(np.einsum('gkr,gkr->gk', left_out + shift[:, None], left_out + shift[:, None]) ** 2, axis=1)
-    fourth = all_rows - left_out_rows
-    # sklearn.covariance.ledoit_wolf_shrinkage, from these moments
-    mu = trace / c
-    beta = (fourth / n_kept - frobenius) / (c * n_kept)
-    delta = (frobenius - c * mu ** 2) / c
-    beta = np.minimum(beta, delta)
-    shrinkage = np.where(beta == 0, 0.0, beta / np.where(delta == 0, 1, delta))
-    if c == 1:
-        shrinkage = np.zeros_like(shrinkage)
+    shrinkage, mu = ledoit_wolf_shrinkage(n_kept, c, trace, frobenius, all_rows - left_out_rows)
     quadratic = _quadratic(coords, eigenvalues, members, n, (1 - shrinkage) / n_kept, shrinkage * mu)
     return np.sqrt(np.maximum(quadratic, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# From sufficient statistics (moments.Moments): the held-out scores of images just added to a model
+# ----------------------------------------------------------------------------------------------
+
+def ledoit_wolf_distances_from_moments(moments, rows, groups, eigen=None):
+    """ledoit_wolf_distances of the images whose rows (m, C) are among those `moments` (with cube and
+    fourth) describe, each left out of all n: one eigendecomposition of the C x C scatter (`eigen`,
+    (eigenvalues, basis) of np.linalg.eigh, where the caller has it), then each image costs C^2 (rows,
+    groups as in ledoit_wolf_distances) -> (G,)."""
+    members, _ = _groups(groups)
+    eigenvalues, basis = np.linalg.eigh(moments.scatter) if eigen is None else eigen
+    eigenvalues = np.maximum(eigenvalues, 0)
+    coords = (np.asarray(rows, np.float64) - moments.mean) @ basis
+    kept = eigenvalues > RELATIVE_EIGENVALUE_FLOOR * max(eigenvalues.max(), 1e-300)
+    return _ledoit_wolf_quadratic(coords[:, kept], eigenvalues[kept], members, moments.count, moments.mean.shape[-1],
+                                  moments.fourth, (moments.cube @ basis)[kept])
+
+
+def regularized_distances_from_moments(moments, rows, groups, regularization):
+    """regularized_distances of the images whose rows (P, m, D) are among those `moments` (P positions)
+    describe, each left out of all n -> (P, G). One Cholesky factor of A = c1 S + c2 I per position (the
+    covariance of n - g rows, with the full scatter: a sixth of an inverse's cost), then Woodbury's
+    identity in g x g per image, with U = sqrt(c1) D_G^T the left-out rows."""
+    members, g = _groups(groups)
+    n = moments.count
+    c1 = 1.0 / (n - g - 1)
+    factors = np.linalg.cholesky(c1 * moments.scatter + regularization * np.eye(moments.mean.shape[-1]))
+    centred = np.asarray(rows, np.float64) - moments.mean[:, None, :]                           # (P, m, D)
+    left_out = centred[:, members] * np.sqrt(c1)                                                # (P, G, g, D)
+    query = centred[:, members[:, 0]] + centred[:, members].sum(axis=2) / (n - g)              # (P, G, D)
+    # whitened by L^-1: y^T A^-1 y = |L^-1 y|^2, U^T A^-1 y = (L^-1 U)^T L^-1 y
+    columns = np.concatenate([query[:, :, None], left_out], axis=2)                             # (P, G, g + 1, D)
+    whitened = np.stack([linalg.solve_triangular(factor, position.reshape(-1, position.shape[-1]).T, lower=True)
+                         .T.reshape(position.shape) for factor, position in zip(factors, columns)])
+    wq, wu = whitened[:, :, 0], whitened[:, :, 1:]
+    inner = (np.eye(g) - 1.0 / n) - wu @ np.swapaxes(wu, -1, -2)                              # M^-1 - U^T A^-1 U
+    projected = np.einsum('pgkd,pgd->pgk', wu, wq)[..., None]                                   # U^T A^-1 y
+    correction = (np.swapaxes(projected, -1, -2) @ np.linalg.solve(inner, projected))[..., 0, 0]
+    return np.sqrt(np.maximum(np.einsum('pgd,pgd->pg', wq, wq) + correction, 0))

@@ -9,6 +9,8 @@ Mahalanobis distance, decide the verdict with a threshold derived from labelled 
     python3 mahalanobisad.py -v line.mp4 --json f.jsonl  # video file, image sequence or camera (live.py)
     python3 mahalanobisad.py --watch incoming/            # every image dropped into a folder (live.py)
     python3 mahalanobisad.py --watch in/ --publish mqtt://broker:1883/line3/verdicts   # tell the line (publish.py)
+    python3 mahalanobisad.py -f line3.pkl --add_good reviewed/false_alarms/   # teach it, no refit (review.py)
+    python3 mahalanobisad.py -f line3.pkl --history       # what it was taught, when, by whom
 """
 import argparse
 import contextlib
@@ -21,9 +23,11 @@ import time
 
 import cli
 import image_utils
+import history
 import live
 import plot_utils
 import publish
+import review
 import thresholds
 from cli import OneLineArgumentParser, detector_from_args
 from detector import Detector, Inspection, StageTimer
@@ -84,6 +88,17 @@ def parse_args(argv=None):
                    help='time the image inputs: per-stage and end-to-end milliseconds per image')
     p.add_argument('-bc', '--benchmark_count', type=cli.positive_int, default=5, help='runs of --benchmark')
     p.add_argument('--env_list', action='store_true', help='list the onnxruntime execution providers and exit')
+    review_flags = p.add_argument_group('review and relearn (on an existing feature file; nothing is scored)')
+    review_flags.add_argument('--add_good', type=cli.existing_dir, default=None, metavar='DIR',
+                              help='teach the detector the good images in DIR (false alarms) without refitting; '
+                                   'thresholds follow')
+    review_flags.add_argument('--add_defects', type=cli.existing_dir, default=None, metavar='DIR',
+                              help='teach the detector the defect images in DIR (missed defects): the threshold is '
+                                   'derived again from all labelled defects so far (F1, or --fpr kept with its recall)')
+    review_flags.add_argument('--history', action='store_true',
+                              help='print what the detector was taught, when and by whom (with --json: as JSON)')
+    review_flags.add_argument('--undo', action='store_true', help='revert the latest change still in effect')
+    review_flags.add_argument('--by', default=None, metavar='NAME', help='who makes the change (default: the OS user)')
     cli.add_model_arguments(p)
     cli.add_line_arguments(p)
     args = p.parse_args(argv)
@@ -96,6 +111,8 @@ def parse_args(argv=None):
     if (args.publish or args.metrics_port is not None) and args.video is None and args.watch is None:
         p.error('--publish and --metrics_port are for the live modes: -v/--video or --watch')
     cli.check_line_arguments(p, args)
+    if sum((args.add_good is not None, args.add_defects is not None, args.history, args.undo)) > 1:
+        p.error('give one of --add_good, --add_defects, --history, --undo')
     return args
 
 
@@ -152,6 +169,32 @@ def decide_thresholds(detector, args, labelled):
     return scored
 
 
+def review_feature_file(args, provider):
+    """--add_good, --add_defects, --undo, --history on the existing feature file -> the history entries."""
+    feat_path = feature_file_path(args)
+    if not os.path.exists(feat_path):
+        raise UsageError(f'no feature file {feat_path} to review: fit one first (or pass -f)')
+    options = dict(model=args.model, method=args.method, model_dir=args.model_dir, model_url=args.model_url,
+                   batch_size=args.batch_size, max_pixels=args.max_pixels, provider=provider)
+    if args.add_good is not None:
+        detector = review.add_good(feat_path, image_utils.list_images(args.add_good), args.by, **options)
+    elif args.add_defects is not None:
+        detector = review.add_defects(feat_path, image_utils.list_images(args.add_defects), args.by, **options)
+    elif args.undo:
+        detector = review.undo(feat_path, args.by, **options)
+    else:
+        detector = Detector.load(feat_path, **options)
+    entries = detector.meta_.get('history', [])
+    if args.history:
+        print('\n'.join(history.format_history(entries)))
+        if args.json:
+            atomic_write_bytes(args.json, json.dumps({'feature_file': feat_path, 'history': entries}, indent=1).encode())
+    else:
+        logger.info('%s: %d training images, threshold %.4g (%s)', feat_path, detector.meta_['n_train_images'],
+                    detector.threshold_, detector.threshold_source_)
+    return entries
+
+
 # ----------------------------------------------------------------------------------------------
 # image mode
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +249,9 @@ def score_images(detector, inputs, scored, labelled, args):
                   'threshold_source': image_utils.display_path(detector.threshold_source_),
                   'pixel_threshold': detector.pixel_threshold_, 'target_fpr': detector.target_fpr_,
                   'n_holdout': len(detector.meta_['holdout_scores']),
-                  'excluded_train_images': detector.meta_.get('excluded_train_images', []), 'images': results}
+                  'excluded_train_images': detector.meta_.get('excluded_train_images', []),
+                  'history': [{k: v for k, v in entry.items() if k != 'images'}
+                              for entry in detector.meta_.get('history', [])], 'images': results}
         atomic_write_bytes(args.json, json.dumps(report, indent=1).encode())
         logger.info('wrote %s', args.json)
     return results
@@ -249,6 +294,8 @@ def main(argv=None):
     if args.export_size and not args.export:
         raise UsageError('--export_size needs --export PATH')
     detector = detector_from_args(args)
+    if args.add_good is not None or args.add_defects is not None or args.history or args.undo:
+        return review_feature_file(args, detector.provider)
     detector.spec  # opens (or downloads) the backbone first: a bad -m fails before any other work
     image_mode = args.video is None and args.watch is None
     export_only = args.export is not None and args.input is None and image_mode

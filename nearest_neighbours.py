@@ -79,20 +79,28 @@ def greedy_coreset(points, count, projection_dims=128, seed=0):
     return farthest_first(points if projection is None else points @ projection, count, rng.integers(len(points)))
 
 
-def chunked_coreset(patches, ratio, chunk_patches=CORESET_CHUNK_PATCHES, projection_dims=128, seed=0):
+def coreset_chunk_share(ratio, patches_per_row, chunk_patches=CORESET_CHUNK_PATCHES):
+    """How many patches chunked_coreset chooses from a full chunk: what a next chunk starts from."""
+    return max(1, int(round(ratio * max(1, chunk_patches // patches_per_row) * patches_per_row)))
+
+
+def chunked_coreset(patches, ratio, chunk_patches=CORESET_CHUNK_PATCHES, projection_dims=128, seed=0, start=None):
     """Flat indices into patches.reshape(-1, D) of about ratio x N x P patches: greedy k-centre over
     chunks of consecutive rows (images), each chunk starting from what the previous chunk chose, merged.
 
     patches (N, P, D) float32. The exact greedy costs (patches x bank), quadratic in the training set;
     chunks of at most `chunk_patches` patches make it linear, and starting from the previous chunk's
     choice spends a chunk's share of the bank on what that choice does not already cover (measured in
-    benchmarks/patchcore_scale.py --coverage).
+    benchmarks/patchcore_scale.py --coverage). start: (S, D) patches chosen before (by an earlier call
+    on other rows, unprojected) that the first chunk continues from, as from a previous chunk's choice.
     """
     n, p, d = patches.shape
     rng = np.random.default_rng(seed)
     projection = random_projection(d, projection_dims, rng)
     rows_per_chunk = max(1, chunk_patches // p)
-    chosen, previous = [], None  # previous: the projected points the previous chunk chose
+    # previous: the projected points the previous chunk chose
+    previous = None if start is None else start if projection is None else start @ projection
+    chosen = []
     for start in range(0, n, rows_per_chunk):
         chunk_rows = np.arange(start, min(n, start + rows_per_chunk))
         points = patches[chunk_rows].reshape(-1, d)
@@ -114,11 +122,16 @@ def _faiss():
     return faiss
 
 
+def ivf_list_count(rows):
+    """Inverted lists for a bank of `rows` rows: about 2 sqrt(rows), at least 39 rows each."""
+    return int(min(2 * np.sqrt(rows), rows / 39))
+
+
 def ivf_centroids(bank, seed=0):
     """(L, D) float32 centres of the inverted lists of a bank (B, D): seeded k-means (faiss), about
     2 sqrt(B) lists of at least 39 rows (faiss's minimum per centre); (0, D) where the bank is too
     small for lists to pay (exact search)."""
-    lists = int(min(2 * np.sqrt(len(bank)), len(bank) / 39))
+    lists = ivf_list_count(len(bank))
     if lists < 2 * IVF_PROBES:
         return np.zeros((0, bank.shape[1]), np.float32)
     kmeans = _faiss().Kmeans(bank.shape[1], lists, niter=10, seed=seed, max_points_per_centroid=64)

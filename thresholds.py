@@ -128,7 +128,7 @@ class Thresholds:
     def to_meta(self):
         """The JSON-able record the feature file keeps."""
         return {'image': self.image, 'pixel': self.pixel, 'source': self.source, 'rule': self.rule,
-                'target_fpr': self.target_fpr, 'labelled': self.labelled}
+                'target_fpr': self.target_fpr, 'labelled': self.labelled, 'calibration': self.calibration}
 
     @classmethod
     def from_meta(cls, stored, localizes):
@@ -137,8 +137,10 @@ class Thresholds:
         if not stored or stored.get('image') is None:
             return None
         rule = stored.get('rule') or (HOLDOUT if stored['source'].startswith(HOLDOUT_SOURCE) else F1)
+        calibration = stored.get('calibration')
         return cls(stored['image'], stored['pixel'] if localizes else None, rule, stored['source'],
-                   target_fpr=stored.get('target_fpr'), labelled=stored.get('labelled'))
+                   target_fpr=stored.get('target_fpr'), labelled=stored.get('labelled'),
+                   calibration=calibration if isinstance(calibration, dict) else None)
 
 
 def from_holdout(holdout, fpr=None, localizes=True, image=None, log=True):
@@ -207,6 +209,32 @@ def from_labelled(labels, scores, pixel_labels_and_maps, source, holdout, locali
     pixel, pixel_f1 = f1_optimal_threshold(*pixel_labels_and_maps())
     logger.info('pixel threshold %.3f maximises pixel F1 (%.3f)', pixel, pixel_f1)
     return dataclasses.replace(chosen, pixel=pixel, calibration=dict(calibration, pixel_f1=pixel_f1))
+
+
+def from_holdout_and_defects(holdout, defect_scores, fpr=None, localizes=True):
+    """Thresholds from the training images' held-out scores (normal images, as a new one would score)
+    and the scores of labelled defects (Detector.add_defects) -> Thresholds with calibration
+    {n_good, n_defects, recall, holdout_fpr}: the share of the defects flagged and of the held-out good
+    images flagged.
+
+    fpr given: the hold-out threshold at that rate (from_holdout), its recall on the defects measured;
+    None: the F1-optimal image threshold between held-out good images and defects. The pixel threshold
+    is the hold-out's either way (a labelled defect's mask, if any, is not kept).
+    """
+    defect_scores = np.asarray(defect_scores, np.float64)
+    n, k = len(holdout.image), len(defect_scores)
+    if fpr is not None:
+        chosen = from_holdout(holdout, fpr, localizes, log=False)
+    else:
+        threshold, f1 = f1_optimal_threshold(np.r_[np.zeros(n, bool), np.ones(k, bool)],
+                                             np.r_[holdout.image, defect_scores])
+        chosen = from_holdout(holdout, localizes=localizes, log=False, image=Thresholds(
+            threshold, rule=F1, source=f'F1-optimal on {n} held-out good images + {k} labelled defects', n=n + k))
+    calibration = {'n_good': n, 'n_defects': k, 'recall': float(np.mean(defect_scores >= chosen.image)),
+                   'holdout_fpr': float(np.mean(holdout.image >= chosen.image))}
+    logger.info('image threshold %.3f (%s): flags %.1f%% of %d labelled defects and %.1f%% of %d held-out good images',
+                chosen.image, chosen.source, 100 * calibration['recall'], k, 100 * calibration['holdout_fpr'], n)
+    return dataclasses.replace(chosen, calibration=calibration)
 
 
 def manual(current, threshold, source, pixel_threshold=None):

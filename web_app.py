@@ -40,11 +40,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import cli
+import history
 import image_utils
 import metrics
 import publish
+import review
 import thresholds
 from detector import Detector
+from errors import TOOL_ERRORS
 
 logger = logging.getLogger('web_app')
 
@@ -56,6 +59,8 @@ CONSOLE_SOURCE = 'set in the console'
 MAX_LISTED_IMAGES = 5000       # an /api/images answer lists at most this many
 MULTIPART_OVERHEAD = 64 << 10  # bytes of a multipart body beyond the file itself (boundaries, headers)
 MAX_JSON_BODY = 64 << 10       # a JSON request is a few bytes; anything larger is refused unread
+MAX_REMEMBERED = 500           # results kept for review (their uploads kept on disk), the oldest dropped first
+REVIEW_LABELS = ('normal', 'defect')  # "normal (false alarm)" -> Detector.partial_fit; "defect (missed)" -> add_defects
 # What a browser may do with our pages: only this server's own scripts and styles, figures as data URLs.
 SECURITY_HEADERS = [(b'content-security-policy', b"default-src 'self'; img-src 'self' data:; object-src 'none'; "
                                                  b"frame-ancestors 'none'; base-uri 'none'"),
@@ -69,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument('-f', '--feat', required=True, help='feature file fitted by mahalanobisad.py (threshold saved here)')
     p.add_argument('--host', default='127.0.0.1', help='address to listen on (0.0.0.0: every interface)')
     p.add_argument('--port', type=int, default=8000, help='TCP port')
+    p.add_argument('--by', default=None, metavar='NAME',
+                   help='who the changes applied in the console are recorded as (default: the OS user)')
     p.add_argument('--data_root', default=None, help='folder whose images may be browsed and scored (none by default)')
     p.add_argument('--token', default=None,
                    help='require "Authorization: Bearer TOKEN" on every request (the page: open /?token=TOKEN); '
@@ -114,12 +121,15 @@ class Console:
     parallel requests would only share the cores and multiply the memory.
     """
 
-    def __init__(self, detector, feat_path, data_root=None, labelled=None, report=None):
+    def __init__(self, detector, feat_path, data_root=None, labelled=None, report=None, by=None):
         self.detector = detector
         # What the line hears of each image scored for a user (publish.LineReport); metrics always, for /metrics.
         self.report = report or publish.LineReport(detector, 'console',
-                                                   metrics=metrics.Metrics(lambda: detector.threshold_))
+                                                   metrics=metrics.Metrics(lambda: self.detector.threshold_))
         self.feat_path = feat_path
+        self.by = by or history.default_user()
+        self.results = {}  # id -> {id, name, path, score, anomaly, label}: what the review queue lists
+        self.next_id = 0
         self.data_root = os.path.realpath(data_root) if data_root else None
         self.lock = threading.Lock()
         self.upload_dir = tempfile.TemporaryDirectory(prefix='web_app_uploads_')
@@ -201,9 +211,10 @@ class Console:
         else:
             self.report.scored(result, time.perf_counter() - started, path=title)
 
-    def inspect_one(self, path, title, started=None):
-        """-> the JSON answer of one image: score, verdict, threshold, conditions and the four-panel
-        figure. started: time.perf_counter() when the request came (the latency the metrics show)."""
+    def inspect_one(self, path, title, started=None, kept=False):
+        """-> the JSON answer of one image: score, verdict, threshold, conditions, the four-panel figure
+        and the id it is reviewed by. started: time.perf_counter() when the request came (the latency the
+        metrics show). kept: `path` is the console's own copy (an upload), deleted when forgotten."""
         started = started or time.perf_counter()
         results = self.inspect([path])
         with contextlib.closing(results):
@@ -213,16 +224,117 @@ class Console:
             raise ConsoleError(400, result.error.replace(path, title))
         return {'name': title, 'score': result.score, 'anomaly': bool(result.anomaly),
                 'threshold': self.detector.threshold_, 'conditions': result.conditions.to_json(),
+                'id': self.remember(path, title, result.score, kept),
                 'figure': png_data_url(self.detector.render_figure(result, title=title))}
 
     def inspect_upload(self, data, name, started=None):
         if not data:
             raise ConsoleError(400, 'the uploaded file is empty')
-        # Through a private temporary file: the upload is decoded by exactly the CLI's code path.
-        with tempfile.NamedTemporaryFile(dir=self.upload_dir.name, suffix='.upload') as f:
+        # Through a private file: the upload is decoded by exactly the CLI's code path, and kept for review.
+        fd, path = tempfile.mkstemp(dir=self.upload_dir.name, suffix='.upload')
+        with os.fdopen(fd, 'wb') as f:
             f.write(data)
-            f.flush()
-            return self.inspect_one(f.name, name, started)
+        try:
+            return self.inspect_one(path, name, started, kept=True)
+        except ConsoleError:
+            os.unlink(path)
+            raise
+
+    # -- review: operators correct verdicts, the detector learns them ---------------------------------
+
+    def remember(self, path, name, score, kept=False):
+        """Keep a scored image for review -> its id (the oldest of MAX_REMEMBERED forgotten)."""
+        with self.lock:
+            result_id = str(self.next_id)
+            self.next_id += 1
+            self.results[result_id] = {'id': result_id, 'name': name, 'path': path, 'score': score, 'label': None,
+                                       'kept': kept}
+            while len(self.results) > MAX_REMEMBERED:
+                oldest = self.results.pop(next(iter(self.results)))
+                if oldest['kept']:
+                    os.unlink(oldest['path'])
+        return result_id
+
+    def set_label(self, result_id, label):
+        """Mark a result "normal" (a false alarm), "defect" (missed) or None (not reviewed)."""
+        if label is not None and label not in REVIEW_LABELS:
+            raise ConsoleError(400, f'"label" must be one of {", ".join(REVIEW_LABELS)} or null')
+        result = self.results.get(result_id)
+        if result is None:
+            raise ConsoleError(404, f'no result {result_id!r} to review (forgotten, or already applied)')
+        result['label'] = label
+        return self.review_queue()
+
+    def review_queue(self):
+        """The results nearest the threshold first (the ones a review is most likely to correct), with
+        their labels, the verdict under the current threshold, and the history of changes."""
+        threshold = self.detector.threshold_
+        queue = sorted(self.results.values(), key=lambda r: abs(r['score'] - threshold))
+        return {'threshold': threshold, 'history': self.detector.meta_.get('history', []),
+                'undoable': history.last_undoable(self.detector.meta_.get('history', [])) is not None,
+                'queue': [{'id': r['id'], 'name': r['name'], 'score': r['score'], 'label': r['label'],
+                           'anomaly': r['score'] >= threshold} for r in queue]}
+
+    def _labelled(self):
+        return {label: [r for r in self.results.values() if r['label'] == label] for label in REVIEW_LABELS}
+
+    def _change(self, labelled):
+        def change(detector):
+            if labelled['normal']:
+                detector.partial_fit([r['path'] for r in labelled['normal']], by=self.by)
+            if labelled['defect']:
+                detector.add_defects([r['path'] for r in labelled['defect']], by=self.by)
+        return change
+
+    def preview(self):
+        """What applying the labels would give, computed on a copy of the feature file's detector and not
+        saved: the thresholds before and after, the share of held-out good images the new threshold flags
+        (its FPR on them) and of all labelled defects (its recall)."""
+        labelled = self._labelled()
+        if not any(labelled.values()):
+            raise ConsoleError(400, 'no reviewed result: mark results "normal" or "defect" first')
+        with self.lock:
+            detector = review.update(self.feat_path, self._change(labelled), write=False,
+                                     **self._load_options())
+        after = detector.thresholds_
+        calibration = after.calibration or {}
+        return {'n_normal': len(labelled['normal']), 'n_defect': len(labelled['defect']),
+                'threshold_before': self.detector.threshold_, 'threshold_after': after.image,
+                'source_after': after.description,
+                'holdout_fpr': float((detector.holdout_.image >= after.image).mean()),
+                'n_holdout': len(detector.holdout_.image),
+                'recall': calibration.get('recall'), 'n_defects': calibration.get('n_defects', 0)}
+
+    def apply(self):
+        """Teach the feature file the reviewed results (under its lock: a command line updating it at the
+        same time waits) and use the updated detector from now on."""
+        labelled = self._labelled()
+        if not any(labelled.values()):
+            raise ConsoleError(400, 'no reviewed result: mark results "normal" or "defect" first')
+        with self.lock:
+            self._use(review.update(self.feat_path, self._change(labelled), **self._load_options()))
+            for result in labelled['normal'] + labelled['defect']:
+                self.results.pop(result['id'], None)
+                if result['kept']:
+                    os.unlink(result['path'])
+        self.use_holdout_scores()
+        return dict(self.review_queue(), model=self.model_card())
+
+    def undo(self):
+        with self.lock:
+            self._use(review.undo(self.feat_path, self.by, **self._load_options()))
+        self.use_holdout_scores()
+        return dict(self.review_queue(), model=self.model_card())
+
+    def _use(self, detector):
+        """Score with `detector` (the feature file as a review left it) from now on; the line hears its
+        threshold."""
+        self.detector = self.report.detector = detector
+
+    def _load_options(self):
+        d = self.detector
+        return dict(model=d.model, method=d.method, model_dir=d.model_dir, model_url=d.model_url,
+                    batch_size=d.batch_size, max_pixels=d.max_pixels, provider=d.provider)
 
     # -- the data root ------------------------------------------------------------------------------
 
@@ -281,7 +393,8 @@ class Console:
             self.tell_the_line(result, relative, started)
             started = time.perf_counter()
             if result.error is None:
-                line.update(score=result.score, anomaly=bool(result.anomaly))
+                line.update(score=result.score, anomaly=bool(result.anomaly),
+                            id=self.remember(images[result.index], relative, result.score))
                 scored += 1
                 anomalous += bool(result.anomaly)
             else:  # the reason, with the path as the page shows it (the data root is not disclosed)
@@ -444,6 +557,27 @@ def create_app(console, token=None, max_upload_mb=20):
         images = console.folder_images(relative)  # before the stream starts: a refusal keeps its status
         return StreamingResponse(console.score_folder(images), media_type='application/x-ndjson')
 
+    @app.get('/api/review')
+    def review_queue():
+        return console.review_queue()
+
+    @app.post('/api/review')
+    async def review_label(request: Request):
+        body = await json_body(request)
+        return console.set_label(str(body.get('id')), body.get('label'))
+
+    @app.post('/api/review/preview')
+    def review_preview():
+        return tool_errors_as_4xx(console.preview)
+
+    @app.post('/api/review/apply')
+    def review_apply():
+        return tool_errors_as_4xx(console.apply)
+
+    @app.post('/api/review/undo')
+    def review_undo():
+        return tool_errors_as_4xx(console.undo)
+
     @app.post('/api/threshold')
     async def threshold(request: Request):
         value = (await json_body(request)).get('threshold')
@@ -452,6 +586,15 @@ def create_app(console, token=None, max_upload_mb=20):
         return console.set_threshold(float(value))
 
     return Guard(app, token, max_upload_mb)
+
+
+def tool_errors_as_4xx(action):
+    """action() -> its answer; the tool's own errors (a feature file locked too long, nothing to undo) as
+    409 with their one line: the console keeps serving."""
+    try:
+        return action()
+    except TOOL_ERRORS as e:
+        raise ConsoleError(409, str(e)) from None
 
 
 async def json_body(request):
@@ -504,7 +647,7 @@ def main(argv=None):
     token, made = console_token(args.host, args.token)
     default_outbox = os.path.splitext(args.feat)[0] + '.console.outbox'
     with publish.report_from_args(args, detector, 'console', default_outbox, with_metrics=True) as report:
-        console = Console(detector, args.feat, args.data_root, labelled, report)
+        console = Console(detector, args.feat, args.data_root, labelled, report, args.by)
         if labelled is not None:
             threading.Thread(target=console.score_labelled, args=labelled[:2], daemon=True).start()
         app = create_app(console, token, args.max_upload_mb)

@@ -190,11 +190,93 @@ function renderResults() {
     const score = document.createElement('td');
     score.className = 'score';
     score.textContent = row.score === undefined ? '' : fmt(row.score);
-    tr.append(name, score, verdictCell(row));
+    tr.append(name, score, verdictCell(row), reviewCell(row));
     if (row === state.selected) tr.className = 'selected';
     tr.addEventListener('click', () => select(row));
     return tr;
   }));
+}
+
+// -- review: correct verdicts, teach the detector ---------------------------------------------------
+
+const LABELS = { normal: 'normal (false alarm)', defect: 'defect (missed)' };
+
+function reviewCell(row) {
+  const td = document.createElement('td');
+  if (row.id === undefined) return td;
+  for (const [label, text] of Object.entries(LABELS)) {
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.textContent = text;
+    button.className = 'review-' + label + (row.label === label ? ' active' : '');
+    button.addEventListener('click', (e) => {
+      e.stopPropagation();
+      review(row, row.label === label ? null : label);
+    });
+    td.append(button);
+  }
+  return td;
+}
+
+async function review(row, label) {
+  try {
+    showReview(await (await postJson('/api/review', { id: row.id, label })).json());
+    row.label = label;
+    renderResults();
+  } catch (e) { setStatus('Review: ' + e.message); }
+}
+
+function showReview(queue) {
+  $('review-rows').replaceChildren(...queue.queue.map((item) => {
+    const tr = document.createElement('tr');
+    for (const text of [item.name, fmt(item.score), item.anomaly ? 'ANOMALY' : 'normal', item.label ? LABELS[item.label] : '–']) {
+      const td = document.createElement('td');
+      td.textContent = text;
+      tr.append(td);
+    }
+    if (item.label) tr.className = 'labelled';
+    return tr;
+  }));
+  $('history').replaceChildren(...queue.history.map((entry) => {
+    const li = document.createElement('li');
+    const what = entry.kind === 'undo' ? `undo of #${entry.undoes}` : `${entry.kind} ${entry.n_images} images`;
+    const after = entry.thresholds_after ? fmt(entry.thresholds_after.image) : '–';
+    li.textContent = `#${entry.id} ${entry.time} by ${entry.by}: ${what}, threshold ${after}`;
+    return li;
+  }));
+  $('review-undo').disabled = !queue.undoable;
+}
+
+async function reviewAction(path, describe) {
+  for (const id of ['review-preview-button', 'review-apply', 'review-undo']) $(id).disabled = true;
+  setStatus('Working…');
+  try {
+    const answer = await (await postJson(path, {})).json();
+    describe(answer);
+  } catch (e) { setStatus(e.message); }
+  for (const id of ['review-preview-button', 'review-apply']) $(id).disabled = false;
+  showReview(await getJson('/api/review'));
+}
+
+function previewReview() {
+  return reviewAction('/api/review/preview', (p) => {
+    const recall = p.recall === null || p.recall === undefined ? 'n/a (no labelled defects)'
+      : `${pct(p.recall)} of ${p.n_defects} labelled defects`;
+    $('review-preview').textContent = `Teaching ${p.n_normal} normal + ${p.n_defect} defect images: threshold `
+      + `${fmt(p.threshold_before)} → ${fmt(p.threshold_after)} (${p.source_after}); FPR ${pct(p.holdout_fpr)} `
+      + `of ${p.n_holdout} held-out good images; recall ${recall}`;
+    setStatus('Preview ready: nothing applied yet');
+  });
+}
+
+function afterChange(answer, what) {
+  showCard(answer.model);
+  setThreshold(answer.model.threshold);
+  state.results = state.results.filter((row) => !row.label);
+  renderResults();
+  $('review-preview').textContent = '';
+  setStatus(`${what}: threshold ${fmt(answer.model.threshold)} (${answer.model.threshold_source})`);
+  loadScores();
 }
 
 async function select(row) {
@@ -234,7 +316,7 @@ async function scoreFiles(files) {
     let row;
     try {
       const r = await (await api('/api/score', { method: 'POST', body: form })).json();
-      row = { name: file.name, score: r.score, anomaly: r.anomaly, figure: r.figure };
+      row = { name: file.name, score: r.score, anomaly: r.anomaly, figure: r.figure, id: r.id };
     } catch (e) {
       row = { name: file.name, error: e.message };
     }
@@ -281,7 +363,7 @@ async function scoreFolder() {
         else {
           done += 1;
           state.results.push(msg.error ? { name: msg.path, path: msg.path, error: msg.error }
-            : { name: msg.path, path: msg.path, score: msg.score, anomaly: msg.anomaly });
+            : { name: msg.path, path: msg.path, score: msg.score, anomaly: msg.anomaly, id: msg.id });
           if (done % 16 === 0 || done === total) renderResults();
           setStatus(`Scoring ${state.folder || 'the data root'}: ${done} / ${total}`);
         }
@@ -318,6 +400,9 @@ function wire() {
   $('sort-score').addEventListener('click', () => { state.sortDescending = !state.sortDescending; renderResults(); });
   $('folder-select').addEventListener('change', (e) => listFolder(e.target.value));
   $('score-folder').addEventListener('click', scoreFolder);
+  $('review-preview-button').addEventListener('click', previewReview);
+  $('review-apply').addEventListener('click', () => reviewAction('/api/review/apply', (a) => afterChange(a, 'Applied')));
+  $('review-undo').addEventListener('click', () => reviewAction('/api/review/undo', (a) => afterChange(a, 'Undone')));
 }
 
 async function start() {
@@ -327,6 +412,7 @@ async function start() {
     showCard(await getJson('/api/model'));
     if (state.card.data_root) listFolder('');
     await loadScores();
+    showReview(await getJson('/api/review'));
     document.body.dataset.ready = 'true';
   } catch (e) {
     setStatus(e.message);

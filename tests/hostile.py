@@ -157,7 +157,7 @@ def feature_file_bytes(meta, method):
     buffer = io.BytesIO()
     header = dict(meta, format=feature_file.FEATURE_FILE_FORMAT, version=feature_file.FEATURE_FILE_VERSION,
                   method=method.name, method_params=method.params)
-    np.savez(buffer, meta=np.array(json.dumps(header)), **method.state())
+    np.savez(buffer, meta=np.array(json.dumps(header)), **feature_file.arrays(method))
     return buffer.getvalue()
 
 

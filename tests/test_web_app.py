@@ -243,6 +243,36 @@ def test_no_data_root(fitted_feat, model_dir):
     assert client.post('/api/folder', json={'dir': ''}).status_code == 403
 
 
+def test_review_queue_preview_apply_and_undo(own_feat, model_dir):
+    """Results can be marked normal / defect; the queue lists them nearest the threshold first; preview
+    writes nothing; apply teaches the feature file both (partial fit, labelled defect); undo reverts both;
+    bad review requests are 4xx and the console keeps serving."""
+    client = make_client(own_feat, model_dir)
+    good, defect = score(client, GOOD).json(), score(client, DEFECT).json()
+    queue = client.get('/api/review', headers=AUTH).json()
+    distances = [abs(item['score'] - queue['threshold']) for item in queue['queue']]
+    assert distances == sorted(distances) and {item['id'] for item in queue['queue']} == {good['id'], defect['id']}
+    assert client.post('/api/review', json={'id': 'nope', 'label': 'normal'}, headers=AUTH).status_code == 404
+    assert client.post('/api/review', json={'id': good['id'], 'label': 'maybe'}, headers=AUTH).status_code == 400
+    assert client.post('/api/review/apply', headers=AUTH).status_code == 400  # nothing marked yet
+    client.post('/api/review', json={'id': good['id'], 'label': 'normal'}, headers=AUTH)
+    client.post('/api/review', json={'id': defect['id'], 'label': 'defect'}, headers=AUTH)
+    preview = client.post('/api/review/preview', headers=AUTH).json()
+    assert preview['n_normal'] == 1 and preview['n_defect'] == 1 and preview['n_defects'] == 1
+    assert preview['recall'] in (0.0, 1.0) and 0 <= preview['holdout_fpr'] <= 1 and preview['n_holdout'] == 13
+    assert len(Detector.load(own_feat, model_dir=model_dir).meta_['history']) == 1  # a preview writes nothing
+    applied = client.post('/api/review/apply', headers=AUTH).json()
+    assert [e['kind'] for e in applied['history']] == ['fit', 'add_good', 'add_defects'] and applied['queue'] == []
+    assert applied['model']['threshold'] == pytest.approx(preview['threshold_after'])
+    stored = Detector.load(own_feat, model_dir=model_dir)
+    assert stored.meta_['n_train_images'] == 13 and stored.threshold_ == pytest.approx(preview['threshold_after'])
+    undone = client.post('/api/review/undo', headers=AUTH).json()
+    assert [e['kind'] for e in undone['history']][-2:] == ['undo', 'undo'] and undone['model']['n_train_images'] == 12
+    answer = client.post('/api/review/undo', headers=AUTH)
+    assert answer.status_code == 409 and 'no change to undo' in answer.json()['error']
+    assert client.get('/api/model', headers=AUTH).status_code == 200
+
+
 def test_other_bad_requests(client):
     for r in (client.get('/nope', headers=AUTH), client.delete('/api/model', headers=AUTH),
               client.get('/api/inspect', headers=AUTH), client.post('/api/folder', json={'dir': 5}, headers=AUTH),
@@ -345,7 +375,21 @@ def test_browser_inspect_score_folder_move_threshold_and_save(tmp_path, fitted_f
                                     'Bearer ' + sessionStorage.getItem('console_token')}})).json()""")
             assert card['threshold'] == pytest.approx(moved, rel=1e-3)
             assert card['threshold_source'].startswith('set in the console')
+
+            # review: a false alarm marked normal, previewed (FPR shown), applied (learnt, in the history), undone
+            page.click('#result-rows tr:has-text("lot1/good.png") .review-normal')
+            page.wait_for_selector('#review-rows tr.labelled:has-text("lot1/good.png")')
+            page.click('#review-preview-button')
+            page.wait_for_selector('#review-preview:has-text("held-out good images")', timeout=120_000)
+            page.click('#review-apply')
+            page.wait_for_selector('#history li:has-text("add_good 1 images")', timeout=120_000)
+            assert page.text_content('#card-train').startswith('13')
+            page.click('#review-undo')
+            page.wait_for_selector('#history li:has-text("undo of #1")', timeout=120_000)
+            assert page.text_content('#card-train').startswith('12')
             assert not errors
         finally:
             browser.close()
-    assert Detector.load(feat, model_dir=model_dir).threshold_ == pytest.approx(moved, rel=1e-3)
+    stored = Detector.load(feat, model_dir=model_dir)
+    assert stored.threshold_ == pytest.approx(moved, rel=1e-3)
+    assert [e['kind'] for e in stored.meta_['history']] == ['fit', 'add_good', 'undo']
