@@ -175,7 +175,7 @@ def test_two_writers_at_once_lose_no_update(taught, tmp_path):
 def test_a_feature_file_of_another_method_or_backbone_is_refused(taught, capsys):
     feat, _, extra, model_dir = taught
     for flags, message in ((['--method', 'padim'], 'cannot be used with this backbone and method'),
-                           (['-m', 'lite1'], 'input_size 224 here 240')):
+                           (['-m', 'lite1'], "backbone 'efficientnet-lite0' here 'efficientnet-lite1'")):
         assert mahalanobisad.run(['-f', feat, '--add_good', os.path.dirname(extra[0]), '--model_dir', model_dir]
                                  + flags) == 1
         err = capsys.readouterr().err
