@@ -26,7 +26,7 @@ import leave_out
 from moments import Moments, ledoit_wolf_eigenvalues, regularized_covariance
 from errors import FeatureFileError, MethodError
 from feature_maps import embed_patches, patch_grid, pool_features, upsample_and_smooth
-from nearest_neighbours import (IVF_PROBES, NearestPatchIndex, chunked_coreset, coreset_chunk_share, ivf_centroids,
+from nearest_neighbours import (NearestPatchIndex, chunked_coreset, coreset_chunk_share, ivf_centroids,
                                 ivf_list_count, nearest_distances, squared_distances)
 
 
@@ -600,8 +600,8 @@ class PatchCoreMethod(AnomalyMethod):
                                  seed=self.params['seed'], start=continued)
         self.added_bank_rows_ = len(self.bank_) + np.arange(len(chosen)), chosen // patches.shape[1]
         bank = np.concatenate([self.bank_, patches.reshape(-1, patches.shape[-1])[chosen]])
-        wanted = ivf_list_count(len(bank))
-        retrain = wanted >= 1.5 * n_lists if n_lists else wanted >= 2 * IVF_PROBES
+        # Without lists, ivf_centroids decides itself whether the bank is now large enough for them.
+        retrain = not n_lists or ivf_list_count(len(bank)) >= 1.5 * n_lists
         return self.set_bank(bank, ivf_centroids(bank, self.params['seed']) if retrain else self.centroids_)
 
     def added_holdout_scores(self, features, groups, output_size):

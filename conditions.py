@@ -169,7 +169,7 @@ class ConditionRange:
         low = -np.array([conformal_threshold(-column, rate / 2)[0] for column in values.T])
         width = high - low
         return cls(tuple((low - margin * width).tolist()), tuple((high + margin * width).tolist()),
-                   FeatureCheck.fit(pooled, rate, margin, seed) if pooled else None, rate, margin, len(values))
+                   FeatureCheck.fit(pooled, rate, margin, seed), rate, margin, len(values))
 
     def feature_ratios(self, feature_maps, input_size):
         """(N,) FeatureCheck ratios of N images' backbone maps, or None without a feature check."""

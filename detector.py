@@ -351,7 +351,7 @@ class Detector:
         -> (serialized model, what the feature file records of it: how it was made, sha256, bytes).
         Calibrated at the first (smallest) input size: activation ranges of these convolutional
         networks hardly move with the input size."""
-        preprocessing = self.preprocessing
+        preprocessing = dataclasses.replace(self.preprocessing, input_sizes=self.input_sizes[:1])
         sample = [images[i] for i in quantize.calibration_sample(len(images), self.seed)]
         views = []  # an unreadable image is left out here, and reported by the fit that follows
         for batch in image_utils.stream(sample, preprocessing.views, self.batch_size):
@@ -513,9 +513,10 @@ class Detector:
                         if scale > 0:
                             continue
                         plain_views = np.array(plain[start:start + self.batch_size])
-                        if screen is not method and plain_views.any():  # plain views: one per image
-                            screen_batches.append(screen.features([m[plain_views] for m in feature_maps]))
-                        pooled_batches.append([p[plain_views] for p in conditions.stride_maps(feature_maps, size)])
+                        plain_maps = [m[plain_views] for m in feature_maps]  # one per image
+                        if screen is not method and plain_views.any():
+                            screen_batches.append(screen.features(plain_maps))
+                        pooled_batches.append(conditions.stride_maps(plain_maps, size))
                 plain_rows += plain
         return _TrainingFeatures([anomaly_model.concatenate_features(b) if b else {} for b in batches],
                                  np.array(groups), np.array(plain_rows, bool), names, image_sizes, measures,
@@ -742,6 +743,12 @@ class Detector:
     # ------------------------------------------------------------------------------------------
     # saving and loading
     # ------------------------------------------------------------------------------------------
+
+    def load_options(self):
+        """The keywords of Detector.load that run a feature file as this detector runs (backbone, method,
+        cache, batch size, limits, execution provider)."""
+        return dict(model=self.model, method=self.method, model_dir=self.model_dir, model_url=self.model_url,
+                    batch_size=self.batch_size, max_pixels=self.max_pixels, provider=self.provider)
 
     def save(self, path):
         """Write the fitted state, its settings and the current thresholds to the feature file `path`

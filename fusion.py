@@ -60,8 +60,12 @@ def fuse(values, footings, kind='image'):
 
     values: per scale, an array of scores (N,) (kind 'image') or maps (N, O, O) (kind 'pixel'), all of
     one shape; footings: per scale, its Footing (export_onnx builds the same from Footing.affine)."""
-    return np.max([np.asarray(v, np.float64) * a + b for v, (a, b) in
-                   zip(values, (f.affine(kind) for f in footings))], axis=0)
+    fused = None
+    for value, footing in zip(values, footings):
+        a, b = footing.affine(kind)
+        standardised = np.asarray(value, np.float64) * a + b
+        fused = standardised if fused is None else np.maximum(fused, standardised, out=fused)
+    return fused
 
 
 def fuse_holdout(scale_holdout, footings):

@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from anomaly_model import select_features
+from anomaly_model import first_rows, select_features
 from thresholds import open_fraction
 
 ROBUST_Z_CUT = 3.5
@@ -95,7 +95,7 @@ def screening_scores(method, features, groups, output_size, folds=SCREENING_FOLD
     against 20 of 22 with 14 (leave one out; docs/accuracy.md).
     """
     fold = holdout_folds(groups, folds, seed)
-    plain = np.unique(groups, return_index=True)[1]
+    plain = first_rows(groups)
     scores = np.empty(len(plain))
     for k in np.unique(fold):
         held = fold[plain] == k

@@ -48,7 +48,7 @@ def _groups(groups):
     return order.reshape(len(counts), counts[0]), int(counts[0])
 
 
-def _downdate(coords, eigenvalues, members, n):
+def _downdate(coords, members, n):
     """The pieces of every leave-group-out model: Zg (..., G, g, r) the left-out rows, the mean shift t
     (..., G, r) (m - m_K in coordinates) and M (g, g) = I + 1 1^T / (n - g)."""
     g = members.shape[1]
@@ -56,10 +56,11 @@ def _downdate(coords, eigenvalues, members, n):
     return left_out, left_out.sum(axis=-2) / (n - g), np.eye(g) + 1.0 / (n - g)
 
 
-def _quadratic(coords, eigenvalues, members, n, c1, c2):
+def _quadratic(coords, eigenvalues, members, n, c1, c2, pieces=None):
     """y^T (c1 T_K + c2 I)^-1 y of every group's query y = x_q - m_K -> (..., G). c1, c2: (..., G).
-    T_K = diag(eigenvalues) - Zg^T M Zg in the span's coordinates; the query lies in the span."""
-    left_out, shift, m = _downdate(coords, eigenvalues, members, n)
+    T_K = diag(eigenvalues) - Zg^T M Zg in the span's coordinates; the query lies in the span. pieces:
+    _downdate's, where the caller has them."""
+    left_out, shift, m = pieces or _downdate(coords, members, n)
     query = coords[..., members[:, 0], :] + shift                                     # (..., G, r)
     diagonal = c1[..., None] * eigenvalues[..., None, :] + c2[..., None]              # A (..., G, r)
     diagonal = np.maximum(diagonal, np.finfo(np.float64).tiny)
@@ -97,9 +98,13 @@ def ledoit_wolf_distances(rows, groups):
                                   coords.T @ norms)
 
 
+def _kept_mask(eigenvalues):
+    """The eigen-directions that carry data (RELATIVE_EIGENVALUE_FLOOR) -> bool mask."""
+    return eigenvalues > RELATIVE_EIGENVALUE_FLOOR * max(eigenvalues.max(), 1e-300)
+
+
 def _kept(coords, eigenvalues):
-    """The eigen-directions that carry data (RELATIVE_EIGENVALUE_FLOOR)."""
-    kept = eigenvalues > RELATIVE_EIGENVALUE_FLOOR * max(eigenvalues.max(), 1e-300)
+    kept = _kept_mask(eigenvalues)
     return coords[..., kept], eigenvalues[kept]
 
 
@@ -108,7 +113,7 @@ def _ledoit_wolf_quadratic(coords, eigenvalues, members, n, c, fourth, cube):
     rows of `members` (and possibly others) in the eigenbasis of the scatter of all n rows, eigenvalues
     that scatter's; fourth = sum |x - m|^4 and cube = sum |x - m|^2 (x - m) (in that basis) of all n rows."""
     g = members.shape[1]
-    left_out, shift, m = _downdate(coords, eigenvalues, members, n)
+    left_out, shift, m = _downdate(coords, members, n)
     n_kept = n - g
     gram = left_out @ np.swapaxes(left_out, -1, -2)                                    # (G, g, g)
     weighted = (left_out * eigenvalues) @ np.swapaxes(left_out, -1, -2)
@@ -122,7 +127,8 @@ def _ledoit_wolf_quadratic(coords, eigenvalues, members, n, c, fourth, cube):
                 + 4 * shift @ cube + 2 * shift_norm * eigenvalues.sum())
     left_out_rows = np.sum(np.einsum('gkr,gkr->gk', left_out + shift[:, None], left_out + shift[:, None]) ** 2, axis=1)
     shrinkage, mu = ledoit_wolf_shrinkage(n_kept, c, trace, frobenius, all_rows - left_out_rows)
-    quadratic = _quadratic(coords, eigenvalues, members, n, (1 - shrinkage) / n_kept, shrinkage * mu)
+    quadratic = _quadratic(coords, eigenvalues, members, n, (1 - shrinkage) / n_kept, shrinkage * mu,
+                           (left_out, shift, m))
     return np.sqrt(np.maximum(quadratic, 0))
 
 
@@ -139,7 +145,7 @@ def ledoit_wolf_distances_from_moments(moments, rows, groups, eigen=None):
     eigenvalues, basis = np.linalg.eigh(moments.scatter) if eigen is None else eigen
     eigenvalues = np.maximum(eigenvalues, 0)
     coords = (np.asarray(rows, np.float64) - moments.mean) @ basis
-    kept = eigenvalues > RELATIVE_EIGENVALUE_FLOOR * max(eigenvalues.max(), 1e-300)
+    kept = _kept_mask(eigenvalues)
     return _ledoit_wolf_quadratic(coords[:, kept], eigenvalues[kept], members, moments.count, moments.mean.shape[-1],
                                   moments.fourth, (moments.cube @ basis)[kept])
 
@@ -154,8 +160,9 @@ def regularized_distances_from_moments(moments, rows, groups, regularization):
     c1 = 1.0 / (n - g - 1)
     factors = np.linalg.cholesky(c1 * moments.scatter + regularization * np.eye(moments.mean.shape[-1]))
     centred = np.asarray(rows, np.float64) - moments.mean[:, None, :]                           # (P, m, D)
-    left_out = centred[:, members] * np.sqrt(c1)                                                # (P, G, g, D)
-    query = centred[:, members[:, 0]] + centred[:, members].sum(axis=2) / (n - g)              # (P, G, D)
+    grouped = centred[:, members]                                                               # (P, G, g, D)
+    left_out = grouped * np.sqrt(c1)
+    query = grouped[:, :, 0] + grouped.sum(axis=2) / (n - g)                                    # (P, G, D)
     # whitened by L^-1: y^T A^-1 y = |L^-1 y|^2, U^T A^-1 y = (L^-1 U)^T L^-1 y
     columns = np.concatenate([query[:, :, None], left_out], axis=2)                             # (P, G, g + 1, D)
     whitened = np.stack([linalg.solve_triangular(factor, position.reshape(-1, position.shape[-1]).T, lower=True)

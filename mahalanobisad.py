@@ -169,13 +169,13 @@ def decide_thresholds(detector, args, labelled):
     return scored
 
 
-def review_feature_file(args, provider):
-    """--add_good, --add_defects, --undo, --history on the existing feature file -> the history entries."""
+def review_feature_file(args, detector):
+    """--add_good, --add_defects, --undo, --history on the existing feature file, loaded as `detector` (the
+    flags' Detector) would run it -> the history entries."""
     feat_path = feature_file_path(args)
     if not os.path.exists(feat_path):
         raise UsageError(f'no feature file {feat_path} to review: fit one first (or pass -f)')
-    options = dict(model=args.model, method=args.method, model_dir=args.model_dir, model_url=args.model_url,
-                   batch_size=args.batch_size, max_pixels=args.max_pixels, provider=provider)
+    options = detector.load_options()
     if args.add_good is not None:
         detector = review.add_good(feat_path, image_utils.list_images(args.add_good), args.by, **options)
     elif args.add_defects is not None:
@@ -295,7 +295,7 @@ def main(argv=None):
         raise UsageError('--export_size needs --export PATH')
     detector = detector_from_args(args)
     if args.add_good is not None or args.add_defects is not None or args.history or args.undo:
-        return review_feature_file(args, detector.provider)
+        return review_feature_file(args, detector)
     detector.spec  # opens (or downloads) the backbone first: a bad -m fails before any other work
     image_mode = args.video is None and args.watch is None
     export_only = args.export is not None and args.input is None and image_mode

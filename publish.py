@@ -481,7 +481,9 @@ def report_from_args(args, detector, source, default_outbox, with_metrics=False)
     (outbox --outbox, else default_outbox), Metrics served on --metrics_port (also without a port
     where with_metrics: the console serves them itself)."""
     served = args.metrics_port is not None
-    line_metrics = metrics.Metrics(lambda: detector.threshold_) if served or with_metrics else None
+    report = LineReport(detector, source, drift_window=args.drift_window)
+    # The report's detector, not this one: the console swaps it after a review is applied or undone.
+    line_metrics = metrics.Metrics(lambda: report.detector.threshold_) if served or with_metrics else None
     if served:
         line_metrics.serve(args.metrics_port, args.metrics_host)
         logger.info('metrics on http://%s:%d/metrics', args.metrics_host, args.metrics_port)
@@ -492,4 +494,5 @@ def report_from_args(args, detector, source, default_outbox, with_metrics=False)
         if line_metrics:
             line_metrics.close()
         raise
-    return LineReport(detector, source, publisher, line_metrics, args.drift_window)
+    report.publisher, report.metrics = publisher, line_metrics
+    return report

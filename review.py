@@ -11,15 +11,15 @@ held-out scores alike); `undo` restores the latest change's undo point and recor
 """
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
-import shutil
 import time
 
 import history
 from detector import Detector
 from errors import FeatureFileError, UsageError
-from file_io import create_temporary, file_sha256
+from file_io import atomic_write_bytes, file_sha256
 
 logger = logging.getLogger('mahalanobisad')
 LOCK_TIMEOUT_S = 120.0
@@ -55,18 +55,11 @@ def undo_dir(path):
 
 def _keep_undo_point(path, entry_id):
     """Copy the feature file (as it is before change `entry_id`) to its undo point, atomically -> (name, sha256)."""
-    folder = undo_dir(path)
-    os.makedirs(folder, exist_ok=True)
     name = f'{entry_id}.npz'
-    fd, temporary = create_temporary(os.path.join(folder, name), '.tmp')
-    os.close(fd)
-    try:
-        shutil.copyfile(path, temporary)
-        os.replace(temporary, os.path.join(folder, name))
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    return name, file_sha256(os.path.join(folder, name))
+    with open(path, 'rb') as f:  # whole in memory, as Detector.save builds it
+        data = f.read()
+    atomic_write_bytes(os.path.join(undo_dir(path), name), data)
+    return name, hashlib.sha256(data).hexdigest()
 
 
 def update(path, change, timeout=LOCK_TIMEOUT_S, write=True, **load_options):

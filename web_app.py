@@ -270,13 +270,17 @@ class Console:
         their labels, the verdict under the current threshold, and the history of changes."""
         threshold = self.detector.threshold_
         queue = sorted(self.results.values(), key=lambda r: abs(r['score'] - threshold))
-        return {'threshold': threshold, 'history': self.detector.meta_.get('history', []),
-                'undoable': history.last_undoable(self.detector.meta_.get('history', [])) is not None,
+        entries = self.detector.meta_.get('history', [])
+        return {'threshold': threshold, 'history': entries, 'undoable': history.last_undoable(entries) is not None,
                 'queue': [{'id': r['id'], 'name': r['name'], 'score': r['score'], 'label': r['label'],
                            'anomaly': r['score'] >= threshold} for r in queue]}
 
     def _labelled(self):
-        return {label: [r for r in self.results.values() if r['label'] == label] for label in REVIEW_LABELS}
+        """{label: the results marked so} -> ConsoleError 400 where none is marked."""
+        labelled = {label: [r for r in self.results.values() if r['label'] == label] for label in REVIEW_LABELS}
+        if not any(labelled.values()):
+            raise ConsoleError(400, 'no reviewed result: mark results "normal" or "defect" first')
+        return labelled
 
     def _change(self, labelled):
         def change(detector):
@@ -291,11 +295,9 @@ class Console:
         saved: the thresholds before and after, the share of held-out good images the new threshold flags
         (its FPR on them) and of all labelled defects (its recall)."""
         labelled = self._labelled()
-        if not any(labelled.values()):
-            raise ConsoleError(400, 'no reviewed result: mark results "normal" or "defect" first')
         with self.lock:
             detector = review.update(self.feat_path, self._change(labelled), write=False,
-                                     **self._load_options())
+                                     **self.detector.load_options())
         after = detector.thresholds_
         calibration = after.calibration or {}
         return {'n_normal': len(labelled['normal']), 'n_defect': len(labelled['defect']),
@@ -309,32 +311,28 @@ class Console:
         """Teach the feature file the reviewed results (under its lock: a command line updating it at the
         same time waits) and use the updated detector from now on."""
         labelled = self._labelled()
-        if not any(labelled.values()):
-            raise ConsoleError(400, 'no reviewed result: mark results "normal" or "defect" first')
         with self.lock:
-            self._use(review.update(self.feat_path, self._change(labelled), **self._load_options()))
+            self._use(review.update(self.feat_path, self._change(labelled), **self.detector.load_options()))
             for result in labelled['normal'] + labelled['defect']:
                 self.results.pop(result['id'], None)
                 if result['kept']:
                     os.unlink(result['path'])
-        self.use_holdout_scores()
-        return dict(self.review_queue(), model=self.model_card())
+        return self._changed()
 
     def undo(self):
         with self.lock:
-            self._use(review.undo(self.feat_path, self.by, **self._load_options()))
-        self.use_holdout_scores()
-        return dict(self.review_queue(), model=self.model_card())
+            self._use(review.undo(self.feat_path, self.by, **self.detector.load_options()))
+        return self._changed()
 
     def _use(self, detector):
         """Score with `detector` (the feature file as a review left it) from now on; the line hears its
         threshold."""
         self.detector = self.report.detector = detector
 
-    def _load_options(self):
-        d = self.detector
-        return dict(model=d.model, method=d.method, model_dir=d.model_dir, model_url=d.model_url,
-                    batch_size=d.batch_size, max_pixels=d.max_pixels, provider=d.provider)
+    def _changed(self):
+        """After apply or undo: the threshold control's scores again, and the answer (queue and model card)."""
+        self.use_holdout_scores()
+        return dict(self.review_queue(), model=self.model_card())
 
     # -- the data root ------------------------------------------------------------------------------
 
