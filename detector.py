@@ -241,7 +241,7 @@ class Detector:
         """How an image becomes this detector's network inputs (image_utils.Preprocessing)."""
         spec = self.spec
         return image_utils.Preprocessing(self.input_sizes, spec.mean, spec.std, self.bit_depth_, self.max_pixels,
-                                         self.aug_rotate)
+                                         self.aug_rotate, (self.meta_ or {}).get('train_image_size'))
 
     @property
     def localizes(self):
@@ -304,6 +304,7 @@ class Detector:
         if not isinstance(images, collections.abc.Sequence):
             images = list(images)
         self._check_backbone_input()
+        self.meta_ = None  # a previous fit's: its training images' size must not shape these views
         self.bit_depth_ = image_utils.learn_bit_depth([i for i in images if not isinstance(i, np.ndarray)],
                                                       self.max_pixels)
         if self.bit_depth_ > 8:
@@ -618,16 +619,22 @@ class Detector:
                                                                  ratio))
 
     def _check_image_size(self, image_shape):
-        """Warn, once, where images differ in size from the training images: a threshold from good images
-        promises its rate for images taken like those (a resolution change alone moves the scores: the
-        MVTec bottle copy's 900 px test images against its 320 px training images, docs/accuracy.md)."""
+        """Say, once, where images differ in size from the training images: one of their aspect ratio is
+        brought to their size first (image_utils.to_training_size: a resolution change alone moves the
+        scores, docs/thresholds.md); of another, a warning: a threshold from good images promises its
+        rate for images taken like the training images."""
         trained = self.meta_.get('train_image_size')
-        if trained and tuple(image_shape[::-1]) != tuple(trained) and not self._size_warned:
-            self._size_warned = True
-            logger.warning('images of %dx%d, the training images were %dx%d: thresholds from good images (--fpr and '
-                           'the default) keep their false-positive rate only for images taken like the training '
-                           'images; resize these like them, or fit on images of this size', image_shape[1],
-                           image_shape[0], *trained)
+        if not trained or tuple(image_shape[::-1]) == tuple(trained) or self._size_warned:
+            return
+        self._size_warned = True
+        if image_utils.training_size_shape(*image_shape, trained) is not None:
+            logger.info('images of %dx%d are brought to the training images\' %dx%d before their network views, '
+                        'as the training images were made', image_shape[1], image_shape[0], *trained)
+            return
+        logger.warning('images of %dx%d, the training images were %dx%d (another aspect ratio): thresholds from good '
+                       'images (--fpr and the default) keep their false-positive rate only for images taken like '
+                       'the training images; crop these like them, or fit on images of this shape', image_shape[1],
+                       image_shape[0], *trained)
 
     def _score(self, views, preprocessing, extractor, timer):
         """Views of N images (each a list, one view per input size) -> (image scores (N,), maps (N, S, S)

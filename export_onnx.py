@@ -4,6 +4,8 @@ The graph holds everything the tool does after decoding an image, so any onnxrun
 C#, Java, JavaScript, mobile) scores like the tool without this project installed:
 
     image (N, H, W, 3) uint8 RGB
+      [-> resize to the training images' size, where they share one and
+          the image has their aspect ratio                                (image_utils.to_training_size)]
       -> resize so the shorter side is resize_size, centre crop to S      (image_utils.network_view)
       -> normalise, NHWC -> NCHW                                           (image_utils.to_tensor)
       -> the backbone's own graph                                          (model_utils.FeatureExtractor)
@@ -93,16 +95,21 @@ def _linear_taps(ssize, dsize, clamp_fraction):
 
 def resize_plan(height, width, resize_size):
     """What image_utils.resize_short_side does to an (height, width) image: ('none' | 'area' |
-    'area_integer' | 'linear', (new_height, new_width)), with OpenCV's own test for an integer
-    ratio (1 / (dsize / ssize) within DBL_EPSILON of an integer)."""
+    'area_integer' | 'linear', (new_height, new_width))."""
     new_h, new_w = image_utils.short_side_shape(height, width, resize_size)
+    return _resize_kind(height, width, new_h, new_w, enlarging=resize_size > min(height, width)), (new_h, new_w)
+
+
+def _resize_kind(height, width, new_h, new_w, enlarging):
+    """'none' | 'linear' (enlarging: INTER_LINEAR) | 'area_integer' | 'area' (INTER_AREA), with OpenCV's
+    own test for integer ratios (1 / (dsize / ssize) within DBL_EPSILON of an integer on both axes)."""
     if (new_h, new_w) == (height, width):
-        return 'none', (new_h, new_w)
-    if resize_size > min(height, width):  # resize_short_side: INTER_LINEAR when enlarging
-        return 'linear', (new_h, new_w)
+        return 'none'
+    if enlarging:
+        return 'linear'
     ratios = [1.0 / (new / old) for new, old in ((new_w, width), (new_h, height))]
     integer = all(abs(r - int(r)) < np.finfo(float).eps for r in ratios)
-    return ('area_integer' if integer else 'area'), (new_h, new_w)
+    return 'area_integer' if integer else 'area'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,17 +149,33 @@ class _Graph:
         return self.const(np.array(shape, np.int64), 'shape')
 
 
-def _add_resize(g, image, height, width, resize_size, crop_size):
+def _add_resize(g, image, height, width, resize_size, crop_size, training_size=None):
     """image (N, height, width, 3) uint8 -> the centre crop_size square of the image resized by
-    image_utils.resize_short_side, channels first: float32 (N, 3, S, S) holding the uint8 values.
+    image_utils.resize_short_side, channels first: float32 (N, 3, S, S) holding the uint8 values;
+    brought to training_size (W, H) first where image_utils.to_training_size does so.
 
     Channels first, as (N * 3, h, w) planes: every gather runs along the middle axis, copying whole
     rows (onnxruntime's Gather and broadcast Mul are several times slower on the innermost axis),
     and a pass along columns runs on transposed planes (a fast batched 2-D transpose)."""
+    planes = g.op('Reshape', [g.op('Transpose', [image], perm=[0, 3, 1, 2]), g.shape_const([-1, height, width])])
+    matched = image_utils.training_size_shape(height, width, training_size)
+    if matched is not None:
+        kind = _resize_kind(height, width, *matched, enlarging=not matched[0] < height)
+        planes = _resize_planes(g, planes, height, width, matched, kind, np.arange(matched[0]), np.arange(matched[1]))
+        height, width = matched
     kind, (new_h, new_w) = resize_plan(height, width, resize_size)
     top, left = (new_h - crop_size) // 2, (new_w - crop_size) // 2
-    rows, cols = np.arange(top, top + crop_size), np.arange(left, left + crop_size)
-    planes = g.op('Reshape', [g.op('Transpose', [image], perm=[0, 3, 1, 2]), g.shape_const([-1, height, width])])
+    view = _resize_planes(g, planes, height, width, (new_h, new_w), kind, np.arange(top, top + crop_size),
+                          np.arange(left, left + crop_size))
+    return g.op('Reshape', [view, g.shape_const([-1, 3, crop_size, crop_size])])
+
+
+def _resize_planes(g, planes, height, width, new_shape, kind, rows, cols):
+    """planes (N * 3, height, width) holding uint8 values (uint8 or float32) -> float32 (N * 3,
+    len(rows), len(cols)): rows `rows` and columns `cols` (contiguous ranges) of the planes resized to
+    new_shape (new_h, new_w) by cv2.resize with the interpolation of `kind` (_resize_kind), its uint8
+    rounding included."""
+    new_h, new_w = new_shape
 
     def crop(x, row_range, col_range):
         starts, ends = [row_range[0], col_range[0]], [row_range[1], col_range[1]]
@@ -165,23 +188,24 @@ def _add_resize(g, image, height, width, resize_size, crop_size):
     def transpose_planes(x):
         return g.op('Transpose', [x], perm=[0, 2, 1])
 
-    def images(x):
-        return g.op('Reshape', [x, g.shape_const([-1, 3, crop_size, crop_size])])
-
     def clip_255(x):
         return g.op('Clip', [x, g.const(np.float32(0)), g.const(np.float32(255))])
 
+    def as_float(x):
+        return g.op('Cast', [x], to=TensorProto.FLOAT)
+
+    first_row, first_col = int(rows[0]), int(cols[0])
     if kind == 'none':
-        return images(g.op('Cast', [crop(planes, (top, top + crop_size), (left, left + crop_size))], to=TensorProto.FLOAT))
+        return as_float(crop(planes, (first_row, first_row + len(rows)), (first_col, first_col + len(cols))))
 
     if kind == 'area_integer':  # resizeAreaFast: integer block sums (below 2^24: exact in float32)
-        s = height // new_h
-        x = crop(planes, (top * s, (top + crop_size) * s), (left * s, (left + crop_size) * s))
-        x = g.op('Reshape', [g.op('Cast', [x], to=TensorProto.FLOAT), g.shape_const([-1, 3, crop_size, s, crop_size, s])])
-        total = g.reduce('ReduceSum', x, [3, 5])                                          # (N, 3, S, S)
-        if s == 2:  # OpenCV's 2x2 path: (sum + 2) >> 2
+        sy, sx = height // new_h, width // new_w
+        x = crop(planes, (first_row * sy, (first_row + len(rows)) * sy), (first_col * sx, (first_col + len(cols)) * sx))
+        x = g.op('Reshape', [as_float(x), g.shape_const([-1, len(rows), sy, len(cols), sx])])
+        total = g.reduce('ReduceSum', x, [2, 4])                                          # (N * 3, R, C)
+        if sy == sx == 2:  # OpenCV's 2x2 path: (sum + 2) >> 2
             return g.op('Floor', [g.op('Mul', [g.op('Add', [total, g.const(np.float32(2))]), g.const(np.float32(0.25))])])
-        return clip_255(g.op('Round', [g.op('Mul', [total, g.const(np.float32(1.0 / (s * s)))])]))  # sum * (1.f/area)
+        return clip_255(g.op('Round', [g.op('Mul', [total, g.const(np.float32(1.0 / (sy * sx)))])]))  # sum * (1.f/area)
 
     if kind == 'area':  # resizeArea_<uchar, float>: float32 taps accumulated in OpenCV's order
         y_idx, y_w = _area_taps(height, new_h)
@@ -189,17 +213,17 @@ def _add_resize(g, image, height, width, resize_size, crop_size):
         y_idx, y_w, x_idx, x_w = y_idx[:, rows], y_w[:, rows], x_idx[:, cols], x_w[:, cols]
         first, last = y_idx[y_w > 0].min(), y_idx[y_w > 0].max()
         y_idx = (y_idx - first).clip(0, last - first)
-        x = transpose_planes(g.op('Cast', [crop(planes, (first, last + 1), (0, width))], to=TensorProto.FLOAT))
-        along_rows = None                                                                  # (N * 3, S, H')
+        x = transpose_planes(as_float(crop(planes, (first, last + 1), (0, width))))
+        along_rows = None                                                                  # (N * 3, C, H')
         for k in range(len(x_idx)):
             term = g.op('Mul', [gather_rows(x, x_idx[k]), g.const(x_w[k].reshape(1, -1, 1))])
             along_rows = term if along_rows is None else g.op('Add', [along_rows, term])
-        along_rows = transpose_planes(along_rows)                                          # (N * 3, H', S)
+        along_rows = transpose_planes(along_rows)                                          # (N * 3, H', C)
         total = None
         for k in range(len(y_idx)):
             term = g.op('Mul', [gather_rows(along_rows, y_idx[k]), g.const(y_w[k].reshape(1, -1, 1))])
             total = term if total is None else g.op('Add', [total, term])
-        return images(clip_255(g.op('Round', [total])))
+        return clip_255(g.op('Round', [total]))
 
     # INTER_LINEAR (enlarging), uint8 fixed point: the horizontal pass in 1/2048 units, the vertical
     # one as OpenCV's vector code: ((h0 >> 4) * b0 >> 16) + ((h1 >> 4) * b1 >> 16), then (+ 2) >> 2.
@@ -212,7 +236,7 @@ def _add_resize(g, image, height, width, resize_size, crop_size):
         return g.const(np.asarray(values, np.int32).reshape(1, -1, 1))
     horizontal = g.op('Add', [g.op('Mul', [gather_rows(x, x0), int_column(a[:, 0])]),
                               g.op('Mul', [gather_rows(x, x1), int_column(a[:, 1])])])
-    horizontal = transpose_planes(horizontal)                                              # (N * 3, H, S)
+    horizontal = transpose_planes(horizontal)                                              # (N * 3, H, C)
     sixteen, high = g.const(np.int32(16)), g.const(np.int32(1 << 16))
 
     def vertical(source, coefficient):  # non-negative throughout, so Div is a right shift
@@ -220,7 +244,7 @@ def _add_resize(g, image, height, width, resize_size, crop_size):
                                         int_column(coefficient)]), high])
     total = g.op('Add', [vertical(y0, b[:, 0]), vertical(y1, b[:, 1])])
     total = g.op('Div', [g.op('Add', [total, g.const(np.int32(2))]), g.const(np.int32(4))])
-    return images(clip_255(g.op('Cast', [total], to=TensorProto.FLOAT)))
+    return clip_255(as_float(total))
 
 
 def _add_backbone(g, backbone, x, copy_index=0):
@@ -545,7 +569,7 @@ def _load_backbone(onnx_model):
     return model
 
 
-def build_model(spec, onnx_model, scales, image_size, threshold, metadata=None, footings=None):
+def build_model(spec, onnx_model, scales, image_size, threshold, metadata=None, footings=None, training_size=None):
     """The whole detector as an onnx.ModelProto.
 
     spec: model_utils.BackboneSpec; onnx_model: its ONNX file's path, or the serialized model (bytes:
@@ -554,7 +578,8 @@ def build_model(spec, onnx_model, scales, image_size, threshold, metadata=None, 
     S without the batch axis: (C, h, w) or (C,) for a pooled output); image_size: (width, height) of the
     graph's input; threshold: the image threshold of the `anomaly` output; metadata: {key: value} stored
     as metadata_props (as text); footings: with several sizes, each one's fusion.Footing: the scores and
-    maps are fused as fusion.fuse does. Maps are at the largest size.
+    maps are fused as fusion.fuse does. Maps are at the largest size. training_size: (W, H) of the
+    training images, where they share one: images are brought to it first (image_utils.to_training_size).
     """
     width, height = image_size
     backbone = _load_backbone(onnx_model)
@@ -564,7 +589,8 @@ def build_model(spec, onnx_model, scales, image_size, threshold, metadata=None, 
     scale, offset = image_utils.normalization(spec.mean, spec.std)
     results = []
     for copy_index, (input_size, method, feature_shapes) in enumerate(scales):
-        view = _add_resize(g, 'image', height, width, image_utils.resize_size_for(input_size), input_size)
+        view = _add_resize(g, 'image', height, width, image_utils.resize_size_for(input_size), input_size,
+                           training_size)
         tensor = g.op('Sub', [g.op('Mul', [view, g.const(scale.reshape(1, 3, 1, 1))]),
                               g.const(offset.reshape(1, 3, 1, 1))])                  # (N, 3, S, S)
         maps = _add_backbone(g, backbone, tensor, copy_index)
@@ -602,11 +628,12 @@ def _fuse(g, values, footings, kind):
     return g.op('Max', terms)
 
 
-def view_model(height, width, resize_size, crop_size):
+def view_model(height, width, resize_size, crop_size, training_size=None):
     """A model with only the preprocessing: image (N, height, width, 3) uint8 -> view (N, S, S, 3)
-    uint8, which must equal image_utils.network_view (the tests compare them pixel for pixel)."""
+    uint8, which must equal image_utils.network_view (of image_utils.to_training_size's image; the
+    tests compare them pixel for pixel)."""
     g = _Graph(MIN_OPSET)
-    view = _add_resize(g, 'image', height, width, resize_size, crop_size)
+    view = _add_resize(g, 'image', height, width, resize_size, crop_size, training_size)
     g.op('Transpose', [g.op('Cast', [view], to=TensorProto.UINT8)], perm=[0, 2, 3, 1], name='view')
     graph = helper.make_graph(g.nodes, 'view', [helper.make_tensor_value_info('image', TensorProto.UINT8,
                                                                              ['N', height, width, 3])],
@@ -662,7 +689,8 @@ def export_detector(detector, path, size=None, version=''):
     if detector.pixel_threshold_ is not None:
         metadata['pixel_threshold'] = repr(float(detector.pixel_threshold_))
     backbone = extractor.onnx_path if detector.int8_backbone_ is None else detector.int8_backbone_
-    model = build_model(spec, backbone, scales, size, detector.threshold_, metadata, detector.footings_)
+    model = build_model(spec, backbone, scales, size, detector.threshold_, metadata, detector.footings_,
+                        meta.get('train_image_size'))
     size_bytes = save_model(model, path)
     logger.info('exported %s to %s (%.1f MB; input %d x %d RGB, threshold %.3f from %s)', detector.method_.name,
                 path, size_bytes / 2 ** 20, size[0], size[1], detector.threshold_, detector.threshold_source_)

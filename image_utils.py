@@ -475,14 +475,15 @@ def load_view(path, resize_size, crop_size, bit_depth=None, max_pixels=DEFAULT_M
     return views[0], shape
 
 
-def load_views(path, geometries, bit_depth=None, max_pixels=DEFAULT_MAX_PIXELS):
+def load_views(path, geometries, bit_depth=None, max_pixels=DEFAULT_MAX_PIXELS, training_size=None):
     """`load_view` at several (resize_size, crop_size) geometries from one decoding -> ([view per
-    geometry], the image's (H, W))."""
+    geometry], the image's (H, W)); brought to training_size first (to_training_size)."""
     with _checked(path, max_pixels) as (_, decode):
         image = decode()
         full_scale = _uint16_full_scale(image, bit_depth, path) if image.dtype == np.uint16 else None
-        views = [network_view(image, resize_size, crop_size) for resize_size, crop_size in geometries]
         shape = image.shape[:2]
+        image = to_training_size(image, training_size)
+        views = [network_view(image, resize_size, crop_size) for resize_size, crop_size in geometries]
         del image
     return [_to_rgb(_to_uint8(np.ascontiguousarray(view), full_scale)) for view in views], shape
 
@@ -582,6 +583,37 @@ def resize_short_side(image, size, interpolation=None):
     return cv2.resize(image, (new_w, new_h), interpolation=interpolation)
 
 
+def training_size_shape(height, width, training_size):
+    """(height, width) an image of this shape is brought to before its network views: the training
+    images' size (training_size: (W, H), or None where they differ) where the image has their aspect
+    ratio to within a pixel but another size; None where it is left as it is.
+
+    Why: a resolution change alone moves the scores. Views made from a 900 px image are sharper than
+    views made from a 320 px copy of it (MVTec bottle's test images against its downscaled training
+    images: MahalanobisAD flagged 20 of 20 good test images at a 0.05 threshold, 2 of 20 with them
+    brought to 320 px first; docs/thresholds.md), so every image is resampled along the training
+    images' path. An image of another aspect ratio is left alone (it would be distorted): the Detector
+    warns about it instead."""
+    if training_size is None:
+        return None
+    train_width, train_height = training_size
+    if (height, width) == (train_height, train_width):
+        return None
+    if abs(height * train_width / width - train_height) > 1 or abs(width * train_height / height - train_width) > 1:
+        return None
+    return train_height, train_width
+
+
+def to_training_size(image, training_size):
+    """The image resized to the training images' size where training_size_shape says so (INTER_AREA
+    when shrinking, INTER_LINEAR when enlarging, as resize_short_side), else the image itself."""
+    shape = training_size_shape(*image.shape[:2], training_size)
+    if shape is None:
+        return image
+    interpolation = cv2.INTER_AREA if shape[0] < image.shape[0] else cv2.INTER_LINEAR
+    return cv2.resize(image, shape[::-1], interpolation=interpolation)
+
+
 def center_crop(image, size):
     h, w = image.shape[:2]
     top, left = (h - size) // 2, (w - size) // 2
@@ -652,8 +684,10 @@ class Preprocessing:
     the image at every S, to within a pixel); an image is decoded once for all of them. mean, std: the
     backbone's normalisation; bit_depth: significant bits of 16-bit files (load_view's policy; None
     before a fit has learnt it); max_pixels: larger files are refused from their header; max_rotation:
-    the augmentation's rotation range, degrees. Images are file paths or RGB uint8 arrays (H, W, 3) of
-    any size. Masks and maps are in the geometry of the largest view (output_size).
+    the augmentation's rotation range, degrees; training_size: (W, H) the fitted detector's training
+    images share (None before a fit, or where they differ): an image of their aspect ratio and another
+    size is brought to it first (to_training_size). Images are file paths or RGB uint8 arrays (H, W, 3)
+    of any size. Masks and maps are in the geometry of the largest view (output_size).
     """
     input_sizes: tuple
     mean: tuple
@@ -661,6 +695,7 @@ class Preprocessing:
     bit_depth: int = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_rotation: float = AUG_MAX_ROTATION_DEG
+    training_size: tuple = None
 
     @property
     def geometries(self):
@@ -676,8 +711,9 @@ class Preprocessing:
         """A path or an RGB uint8 array -> ([network view (S, S, 3) uint8 RGB per scale], the image's (H, W))."""
         if isinstance(image, np.ndarray):
             image = check_rgb_array(image)
-            return [network_view(image, *geometry) for geometry in self.geometries], image.shape[:2]
-        return load_views(os.fspath(image), self.geometries, self.bit_depth, self.max_pixels)
+            matched = to_training_size(image, self.training_size)
+            return [network_view(matched, *geometry) for geometry in self.geometries], image.shape[:2]
+        return load_views(os.fspath(image), self.geometries, self.bit_depth, self.max_pixels, self.training_size)
 
     def training_views(self, image, index, copies, seed):
         """All views of one training image, decoded once -> ([[the plain view, then `copies` augmented
@@ -688,10 +724,11 @@ class Preprocessing:
             return [[view] for view in views], shape
         image = (check_rgb_array(image) if isinstance(image, np.ndarray)
                  else load_image(os.fspath(image), self.bit_depth, self.max_pixels))
+        shape, image = image.shape[:2], to_training_size(image, self.training_size)
         return [[network_view(image, resize_size, size)]
                 + [augment(image, np.random.default_rng([seed, index, copy]), resize_size, size, self.max_rotation)
                    for copy in range(1, 1 + copies)]
-                for resize_size, size in self.geometries], image.shape[:2]
+                for resize_size, size in self.geometries], shape
 
     def mask_view(self, mask, image_shape):
         """A mask path or bool array of the image's (H, W) -> (S, S) bool in the largest view's geometry.

@@ -116,6 +116,33 @@ def test_inspect_reports_unreadable_items_in_place(fitted, tmp_path, caplog):
         fitted['mahalanobis'].decision_function(items[:2])
 
 
+def test_images_of_another_size_are_brought_to_the_training_size_first(train_paths, model_dir, tmp_path, caplog):
+    """Fitted on 320 px images, a 900 px image scores as its 320 px copy (INTER_AREA), as a file and as
+    an array, which is not how it scores resized straight to the view; another aspect ratio is scored
+    as it is, with a warning."""
+    folder = tmp_path / 'train320'
+    folder.mkdir()
+    for path in train_paths[:6]:
+        cv2.imwrite(str(folder / os.path.basename(path)), cv2.resize(cv2.imread(path), (320, 320)))
+    detector = Detector(method='padim', model_dir=model_dir, **OPTIONS).fit(image_utils.list_images(str(folder)))
+    assert detector.meta_['train_image_size'] == [320, 320]
+    big = cv2.resize(cv2.imread(SAMPLE[0]), (900, 900), interpolation=cv2.INTER_CUBIC)
+    cv2.imwrite(str(tmp_path / 'big.png'), big)
+    brought = cv2.resize(big, (320, 320), interpolation=cv2.INTER_AREA)
+    rgb = [big[..., ::-1].copy(), brought[..., ::-1].copy()]
+    with caplog.at_level('INFO', logger='mahalanobisad'):
+        scores = detector.decision_function([str(tmp_path / 'big.png')] + rgb)
+    assert scores[0] == scores[1] == scores[2]
+    assert 'images of 900x900 are brought to the training images\' 320x320' in caplog.text
+    detector.meta_['train_image_size'] = None
+    assert detector.decision_function(rgb[:1])[0] != scores[0]
+    detector.meta_['train_image_size'] = [320, 320]
+    caplog.clear()
+    detector._size_warned = False  # said once per detector
+    detector.decision_function([cv2.resize(brought, (480, 320))])
+    assert 'images of 480x320, the training images were 320x320 (another aspect ratio)' in caplog.text
+
+
 def test_inspect_is_lazy(fitted):
     """A generator of inputs is consumed as results are taken, never all at once."""
     taken = []

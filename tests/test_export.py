@@ -26,23 +26,29 @@ NODE_DIR = os.path.join(REPO, 'deploy', 'node')
 SAMPLE = sorted(glob.glob(os.path.join(REPO, 'images', '*.png')))
 
 
-@pytest.mark.parametrize('height, width', [
-    (256, 256),    # no resize: crop only
-    (900, 900),    # INTER_AREA, non-integer ratio (MVTec bottle)
-    (320, 240),    # INTER_AREA, portrait, odd crop offsets
-    (1000, 700),
-    (512, 768),    # INTER_AREA, integer ratio 2 (OpenCV's 2x2 path)
-    (768, 768),    # integer ratio 3
-    (200, 300),    # INTER_LINEAR, enlarging
-    (99, 130),
-    (128, 128),    # enlarging by exactly 2
+@pytest.mark.parametrize('height, width, training_size', [
+    (256, 256, None),          # no resize: crop only
+    (900, 900, None),          # INTER_AREA, non-integer ratio (MVTec bottle)
+    (320, 240, None),          # INTER_AREA, portrait, odd crop offsets
+    (1000, 700, None),
+    (512, 768, None),          # INTER_AREA, integer ratio 2 (OpenCV's 2x2 path)
+    (768, 768, None),          # integer ratio 3
+    (200, 300, None),          # INTER_LINEAR, enlarging
+    (99, 130, None),
+    (128, 128, None),          # enlarging by exactly 2
+    (900, 900, (320, 320)),    # brought to the training images' size first: INTER_AREA (MVTec bottle's copy)
+    (1000, 700, (350, 500)),   # integer ratio 2 to the training size, then INTER_AREA
+    (768, 768, (192, 192)),    # integer ratio 4, then INTER_LINEAR to 256
+    (301, 200, (400, 602)),    # enlarged to the training size (aspect ratio within a pixel)
+    (600, 400, (300, 200)),    # another aspect ratio: left as it is
 ])
-def test_view_equals_opencv_pixel_for_pixel(height, width):
+def test_view_equals_opencv_pixel_for_pixel(height, width, training_size):
     images = np.random.default_rng(height * width).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
-    session = ort.InferenceSession(export_onnx.view_model(height, width, 256, 224).SerializeToString(),
+    session = ort.InferenceSession(export_onnx.view_model(height, width, 256, 224, training_size).SerializeToString(),
                                    providers=['CPUExecutionProvider'])
     view = session.run(None, {'image': images})[0]
-    expected = np.stack([image_utils.network_view(image, 256, 224) for image in images])
+    expected = np.stack([image_utils.network_view(image_utils.to_training_size(image, training_size), 256, 224)
+                         for image in images])
     assert view.shape == expected.shape == (2, 224, 224, 3)
     np.testing.assert_array_equal(view, expected)
 
