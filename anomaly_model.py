@@ -23,9 +23,8 @@ import numpy as np
 from scipy.ndimage import uniform_filter
 
 import leave_out
-from moments import Moments, ledoit_wolf_eigenvalues, regularized_covariance
 from errors import FeatureFileError, MethodError
-from feature_maps import embed_patches, patch_grid, pool_features, upsample_and_smooth
+from feature_maps import embed_patches, patch_grid, pool_features, smoothing_matrix, upsample_and_smooth
 from nearest_neighbours import (NearestPatchIndex, chunked_coreset, coreset_chunk_share, ivf_centroids,
                                 ivf_list_count, nearest_distances, squared_distances)
 
@@ -37,41 +36,23 @@ from nearest_neighbours import (NearestPatchIndex, chunked_coreset, coreset_chun
 class MahalanobisAD:
     """Per-level Gaussians over pooled features; the image score is the summed distance.
 
-    Fitted state: moments_[l] (moments.Moments with the higher moments, float64: what partial_fit
-    updates exactly); means_[l] (C_l,), precisions_[l] (C_l, C_l), float32: estimated in float64 (as
-    sklearn's LedoitWolf, from the moments), stored and applied in float32, which moves scores by about
-    1e-7 relative and halves the cost.
+    Fitted state: means_[l] (C_l,), precisions_[l] (C_l, C_l), float32: sklearn's LedoitWolf estimated in
+    float64 (leave_out.ledoit_wolf_precision), stored and applied in float32, which moves scores by about
+    1e-7 relative and halves the cost. Estimated from the rows in the eigenbasis of their span, so a fit
+    on all the training rows again (what teaching more images does) costs a Gram matrix, not a
+    C x C eigendecomposition per level.
     """
 
-    def __init__(self, means=None, precisions=None, moments=None):
+    def __init__(self, means=None, precisions=None):
         self.means_ = means or []
         self.precisions_ = precisions or []
-        self.moments_ = moments or []
-        self.eigen_ = None  # (eigenvalues, vectors) of each level's scatter, once estimated here (not stored)
 
     def fit(self, train_features):
         """train_features: [(N, C_l) float, ...] pooled features of the N training images."""
-        return self._estimate([Moments.of(features) for features in train_features])
-
-    def partial_fit(self, features):
-        """The model fitted on its training images and these ([(M, C_l), ...]) -> self."""
-        return self._estimate([m.merge(Moments.of(f)) for m, f in zip(self.moments_, features)])
-
-    def _estimate(self, moments):
-        self.moments_ = moments
-        self.means_ = [m.mean.astype(np.float32) for m in moments]
-        # The shrunk covariance has the scatter's eigenvectors: one eigendecomposition of the scatter serves
-        # the precision (pinvh's, as LedoitWolf.get_precision) and the added images' held-out scores.
-        self.eigen_ = [np.linalg.eigh(m.scatter) for m in moments]
-        self.precisions_ = [_pinvh(ledoit_wolf_eigenvalues(m, values), vectors).astype(np.float32)
-                            for m, (values, vectors) in zip(moments, self.eigen_)]
+        estimates = [leave_out.ledoit_wolf_precision(features) for features in train_features]
+        self.means_ = [mean.astype(np.float32) for mean, _ in estimates]
+        self.precisions_ = [precision.astype(np.float32) for _, precision in estimates]
         return self
-
-    def leave_out_distances(self, features, groups):
-        """[(M, C_l), ...] rows among those fitted, groups (M,) -> (G,) each image's summed distance under the
-        model fitted without it (leave_out.ledoit_wolf_distances_from_moments)."""
-        return sum(leave_out.ledoit_wolf_distances_from_moments(m, f, groups, eigen)
-                   for m, f, eigen in zip(self.moments_, features, self.eigen_ or [None] * len(self.moments_)))
 
     def level_distances(self, features):
         """[(N, C_l), ...] -> (N, L) Mahalanobis distance of each image at each level."""
@@ -86,56 +67,63 @@ class MahalanobisAD:
         return self.level_distances(features).sum(axis=1)
 
 
-def _pinvh(eigenvalues, vectors):
-    """scipy.linalg.pinvh from an eigendecomposition: eigenvalues at or below its cutoff count as 0."""
-    cutoff = np.abs(eigenvalues).max() * len(eigenvalues) * np.finfo(np.float64).eps
-    inverse = np.where(np.abs(eigenvalues) > cutoff, 1 / np.where(eigenvalues == 0, 1, eigenvalues), 0)
-    return (vectors * inverse) @ vectors.T
-
-
 class PixelGaussian:
-    """A Gaussian per patch position, over D channels.
+    """A Gaussian per patch position, over D channels: mean and unbiased covariance + regularization I.
 
-    Fitted state: moments_ (moments.Moments per position, float64: what partial_fit updates exactly);
-    mean_ (P, D) and precision_ (P, D, D) float32.
+    Fitted state: mean_ (P, D) and precision_ (P, D, D) float32, what scores; basis_ (leave_out.Basis,
+    float64): the eigenbasis of the scatter of the first basis_.count training rows, made by the held-out
+    distances (which need it anyway) and kept, so that `update` with more rows costs D^2 per row and
+    position (Woodbury's identity) instead of an inversion's D^3 per position; a new basis is made once the
+    rows added after it exceed REBASE_SHARE of D (their cost then grows as their square).
     """
+    REBASE_SHARE = 0.25
 
-    def __init__(self, regularization=0.01, mean=None, precision=None, moments=None):
+    def __init__(self, regularization=0.01, mean=None, precision=None, basis=None):
         self.regularization = regularization  # added to the covariance diagonal, as in PaDiM
-        self.mean_, self.precision_, self.moments_ = mean, precision, moments
+        self.mean_, self.precision_, self.basis_ = mean, precision, basis
 
     def fit(self, patches):
         """patches: (N, P, D) for N training images."""
         if patches.shape[0] < 2:
             raise ValueError('need at least 2 training images')
-        return self._estimate(Moments.of(patches.transpose(1, 0, 2), higher=False))
-
-    def partial_fit(self, patches):
-        """The Gaussians fitted on their training images and these (M, P, D) -> self."""
-        return self._estimate(self.moments_.merge(Moments.of(patches.transpose(1, 0, 2), higher=False)))
-
-    def _estimate(self, moments):
-        self.moments_ = moments
-        self.mean_ = moments.mean.astype(np.float32)
-        self.precision_ = np.linalg.inv(regularized_covariance(moments, self.regularization)).astype(np.float32)
+        self.mean_ = patches.mean(axis=0, dtype=np.float64).astype(np.float32)
+        self.precision_ = np.empty(patches.shape[1:] + patches.shape[-1:], np.float32)
+        for positions, rows in _position_chunks(patches):
+            centred = rows - rows.mean(axis=1, keepdims=True)
+            covariance = np.swapaxes(centred, 1, 2) @ centred / (len(patches) - 1)
+            covariance[:, np.arange(rows.shape[-1]), np.arange(rows.shape[-1])] += self.regularization
+            self.precision_[positions] = np.linalg.inv(covariance)
+        self.basis_ = None
         return self
 
-    def added_leave_out_distances(self, patches, groups, chunk=16):
-        """patches (M, P, D), rows among those fitted (the images partial_fit just added) -> (G, P) their
-        distances under the Gaussians fitted without each (leave_out.regularized_distances_from_moments)."""
-        by_position = np.asarray(patches).transpose(1, 0, 2)
-        m = self.moments_
-        return np.concatenate([leave_out.regularized_distances_from_moments(
-            Moments(m.count, m.mean[p:p + chunk], m.scatter[p:p + chunk]), by_position[p:p + chunk], groups,
-            self.regularization) for p in range(0, len(by_position), chunk)]).T
+    def update(self, patches):
+        """The Gaussians of all the training rows patches (N, P, D), the first basis_.count of them those
+        the basis was made from (the later ones added since) -> self. Equal to fit(patches) up to float64
+        rounding."""
+        extra = len(patches) - (self.basis_.count if self.basis_ is not None else 0)
+        if self.basis_ is None or extra < 0 or extra + 1 > max(1, self.REBASE_SHARE * patches.shape[-1]):
+            self.basis_ = _spectral_basis(patches)
+        self.mean_ = patches.mean(axis=0, dtype=np.float64).astype(np.float32)
+        self.precision_ = np.empty(patches.shape[1:] + patches.shape[-1:], np.float32)
+        for positions, rows, basis in self._chunks(patches):
+            self.precision_[positions] = leave_out.regularized_precision(rows, self.regularization, basis)
+        return self
 
-    def leave_out_distances(self, patches, groups, chunk=16):
-        """patches (N, P, D) of the N training rows this Gaussian was fitted on -> (G, P) each image's
-        distances under the Gaussians fitted without it (leave_out.regularized_distances), positions in
-        chunks to bound memory."""
-        by_position = np.asarray(patches).transpose(1, 0, 2)
-        return np.concatenate([leave_out.regularized_distances(by_position[p:p + chunk], groups, self.regularization)
-                               for p in range(0, len(by_position), chunk)]).T
+    def leave_out_distances(self, patches, groups):
+        """patches (N, P, D) of the N training rows this Gaussian was fitted on (or updated with) -> (G, P)
+        each image's distances under the Gaussians fitted without it (leave_out.regularized_distances).
+        Makes the basis from all the rows where there is none."""
+        if self.basis_ is None:
+            self.basis_ = _spectral_basis(patches)
+        return np.concatenate([leave_out.regularized_distances(rows, groups, self.regularization, basis)
+                               for _, rows, basis in self._chunks(patches)]).T
+
+    def _chunks(self, patches):
+        """_position_chunks with each chunk's part of the basis."""
+        b = self.basis_
+        for positions, rows in _position_chunks(patches):
+            yield positions, rows, leave_out.Basis(b.vectors[positions], b.values[positions], b.count,
+                                                   b.mean[positions])
 
     def distances(self, patches):
         """(N, P, D) -> (N, P) Mahalanobis distance of each patch to its position's Gaussian."""
@@ -143,6 +131,26 @@ class PixelGaussian:
         squared = np.einsum('pnd,pnd->pn', np.matmul(centred, self.precision_), centred)
         return np.sqrt(np.maximum(squared, 0)).T
 
+
+def _by_position(patches):
+    """(N, P, D) -> (P, N, D) float64, contiguous (batched products are slow on strided views)."""
+    return np.ascontiguousarray(np.asarray(patches).transpose(1, 0, 2), np.float64)
+
+
+def _spectral_basis(patches):
+    """leave_out.spectral_basis of patches (N, P, D) by position, made in chunks of positions."""
+    parts = [leave_out.spectral_basis(rows) for _, rows in _position_chunks(patches)]
+    return leave_out.Basis(np.concatenate([b.vectors for b in parts]), np.concatenate([b.values for b in parts]),
+                           len(patches), np.concatenate([b.mean for b in parts]))
+
+
+def _position_chunks(patches, chunk=16):
+    """(positions (slice), their rows (p, N, D) float64) of patches (N, P, D), in chunks of positions:
+    bounded memory, and temporaries small enough to be reused instead of paged in afresh (which costs as
+    much as the arithmetic for whole (P, D, D) float64 arrays)."""
+    for start in range(0, patches.shape[1], chunk):
+        positions = slice(start, start + chunk)
+        yield positions, _by_position(patches[:, positions])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +199,12 @@ class AnomalyMethod:
     seeded = False
     screened_by = None
     labelled_ = None  # {name: (K, ...) float32}: features of K labelled defect images (Detector.add_defects)
+    # The Gaussians keep their training rows (training_ {name: (N, ...)}, training_groups_ (N,) int64: each
+    # row's image, 0 .. n_images - 1 in training order), so that partial_fit estimates them again exactly
+    # and every image's held-out score follows the model it is held out of (Detector.partial_fit).
+    keeps_training = False
+    training_ = None
+    training_groups_ = None
 
     def __init__(self, **params):
         self.params = params
@@ -240,14 +254,35 @@ class AnomalyMethod:
         """
         raise NotImplementedError
 
-    def partial_fit(self, features):
-        """Add the rows `features` (good images) to the fitted state, in time proportional to them -> self.
-        Exact for the Gaussians (their moments merge); SPADE appends; PatchCore continues its coreset."""
+    def keep_training(self, features, groups):
+        """Keep the rows the method was fitted on (keeps_training methods) and their images (N,): what
+        partial_fit adds to -> self."""
+        self.training_ = dict(features)
+        self.training_groups_ = np.unique(groups, return_inverse=True)[1].astype(np.int64)
+        return self
+
+    def partial_fit(self, features, groups):
+        """Add the rows `features` (good images; groups (M,): each row's image) to the fitted state -> self.
+        The Gaussians (keeps_training) add them to their training rows and are estimated again, exactly,
+        in time linear in the rows (see holdout_scores for the held-out scores then); SPADE appends;
+        PatchCore continues its coreset (their held-out scores: added_holdout_scores)."""
         raise NotImplementedError
 
+    def _add_training(self, features, groups):
+        """training_ with these rows appended, their images numbered after the kept ones."""
+        if self.training_ is None:
+            raise MethodError(f'this {self.name} detector does not keep its training features (fitted at '
+                              'several input sizes): fit it again with the images added to the training folder')
+        first = int(self.training_groups_.max()) + 1 if len(self.training_groups_) else 0
+        self.training_ = concatenate_features([self.training_, features])
+        self.training_groups_ = np.concatenate([self.training_groups_,
+                                                first + np.unique(groups, return_inverse=True)[1]]).astype(np.int64)
+
     def added_holdout_scores(self, features, groups, output_size):
-        """holdout_scores of the images partial_fit just added (features, groups: their rows), each under
-        the updated method without it -> (image scores (G,), map maxima (G,) or None)."""
+        """The nearest-neighbour methods' holdout_scores of the images partial_fit just added (features,
+        groups: their rows), each under the updated method without it -> (image scores (G,), map maxima
+        (G,) or None). Their earlier images' scores stay as they were: the bank only grew, so those can only
+        have fallen, and the kept ones err on the side of fewer false alarms."""
         raise NotImplementedError
 
     def _channels(self, levels):
@@ -279,10 +314,14 @@ def first_rows(groups):
 
 
 def _map_maxima(distances, grid, output_size, chunk=64):
-    """Patch distances (G, P) -> the largest value of each image's smoothed map (G,), in chunks (bounded memory)."""
-    return np.concatenate([upsample_and_smooth(distances[i:i + chunk].reshape(-1, grid, grid), output_size)
-                           .reshape(-1, output_size * output_size).max(axis=1)
-                           for i in range(0, len(distances), chunk)])
+    """Patch distances (G, P) -> the largest value of each image's smoothed map (G,), in chunks (bounded
+    memory). The maps as K m K^T (smoothing_matrix: upsample_and_smooth's to float32 rounding), one batched
+    product instead of OpenCV's resize and blur: a tenth of the time for the hundreds of held-out maps a
+    fit, or teaching a detector, computes."""
+    k = smoothing_matrix(grid, output_size)
+    grids = np.asarray(distances, np.float32).reshape(-1, grid, grid)
+    return np.concatenate([(k @ grids[i:i + chunk] @ k.T).reshape(-1, output_size * output_size).max(axis=1)
+                           for i in range(0, len(grids), chunk)])
 
 
 def _is_int(value):
@@ -290,26 +329,38 @@ def _is_int(value):
 
 
 def _gaussian_state(positions, dims):
-    """Declared state of a PixelGaussian over `positions` patches of `dims` channels."""
-    return dict({'pixel_mean': ((positions, dims), 'float32'), 'pixel_precision': ((positions, dims, dims), 'float32')},
-                **Moments.declared('pixel_moments', (positions,), dims, higher=False))
+    """Declared state of a PixelGaussian over `positions` patches of `dims` channels: mean and precision,
+    and the kept basis (R columns; R = 0 and count 0 where none is kept)."""
+    return {'pixel_mean': ((positions, dims), 'float32'), 'pixel_precision': ((positions, dims, dims), 'float32'),
+            'pixel_basis_vectors': ((positions, dims, 'R*'), 'float64'), 'pixel_basis_values': ((positions, 'R*'), 'float64'),
+            'pixel_basis_mean': ((positions, dims), 'float64'), 'pixel_basis_count': ((), 'int64')}
 
 
-def _gaussian_arrays(gaussian):
-    """The arrays _gaussian_state declares, of a fitted PixelGaussian."""
-    return dict(pixel_mean=gaussian.mean_, pixel_precision=gaussian.precision_,
-                **gaussian.moments_.arrays('pixel_moments'))
+def _gaussian_arrays(gaussian, keep_basis):
+    """The arrays _gaussian_state declares, of a fitted PixelGaussian; its basis where keep_basis (only
+    teaching uses it: it is kept with the training rows)."""
+    basis = gaussian.basis_ if keep_basis else None
+    positions, dims = gaussian.mean_.shape
+    if basis is None:
+        basis = leave_out.Basis(np.zeros((positions, dims, 0)), np.zeros((positions, 0)), 0, np.zeros((positions, dims)))
+    return dict(pixel_mean=gaussian.mean_, pixel_precision=gaussian.precision_, pixel_basis_vectors=basis.vectors,
+                pixel_basis_values=basis.values, pixel_basis_mean=basis.mean,
+                pixel_basis_count=np.array(basis.count, np.int64))
 
 
 def _load_gaussian(arrays):
-    moments = Moments.from_arrays(arrays, 'pixel_moments')
-    if moments.count < 2:
-        raise FeatureFileError(f'pixel moments of {moments.count} images: a Gaussian needs at least 2')
-    return PixelGaussian(mean=arrays['pixel_mean'], precision=arrays['pixel_precision'], moments=moments)
+    count, vectors = int(arrays['pixel_basis_count']), arrays['pixel_basis_vectors']
+    if count == 1 or count < 0 or (count == 0) != (vectors.shape[-1] == 0) or vectors.shape[-1] > vectors.shape[-2] \
+            or np.any(arrays['pixel_basis_values'] < 0):
+        raise FeatureFileError(f'the Gaussians\' basis of {count} rows with {vectors.shape[-1]} vectors of '
+                               f'{vectors.shape[-2]} channels is not an eigenbasis of a scatter matrix')
+    basis = leave_out.Basis(vectors, arrays['pixel_basis_values'], count, arrays['pixel_basis_mean']) if count else None
+    return PixelGaussian(mean=arrays['pixel_mean'], precision=arrays['pixel_precision'], basis=basis)
 
 
 class MahalanobisMethod(AnomalyMethod):
     name = 'mahalanobis'
+    keeps_training = True
     # Its image score pools each level over the whole image, which averages a small defect away:
     # PaDiM's per-position scores on the same backbone outputs find the defective training images
     # (metal_nut, 22 planted: 20 found against 17 by its own scores; docs/accuracy.md, "contaminated training folders").
@@ -352,28 +403,20 @@ class MahalanobisMethod(AnomalyMethod):
         patches = self.pixel_model_.leave_out_distances(features['patches'], groups)
         return scores, _map_maxima(patches, self.params['grid'], output_size)
 
-    def partial_fit(self, features):
-        self.image_model_.partial_fit([features[f'pooled{l}'] for l in self.params['image_levels']])
+    def partial_fit(self, features, groups):
+        self._add_training(features, groups)
+        self.image_model_ = MahalanobisAD().fit([self.training_[f'pooled{l}'] for l in self.params['image_levels']])
         if self.pixel_model_ is not None:
-            self.pixel_model_.partial_fit(features['patches'])
+            self.pixel_model_.update(self.training_['patches'])
         return self
-
-    def added_holdout_scores(self, features, groups, output_size):
-        scores = self.image_model_.leave_out_distances([features[f'pooled{l}'] for l in self.params['image_levels']],
-                                                       groups)
-        if self.pixel_model_ is None:
-            return scores, None
-        patches = self.pixel_model_.added_leave_out_distances(features['patches'], groups)
-        return scores, _map_maxima(patches, self.params['grid'], output_size)
 
     def state(self):
         arrays = {}
-        for l, mean, precision, moments in zip(self.params['image_levels'], self.image_model_.means_,
-                                               self.image_model_.precisions_, self.image_model_.moments_):
+        for l, mean, precision in zip(self.params['image_levels'], self.image_model_.means_,
+                                      self.image_model_.precisions_):
             arrays[f'image_mean_{l}'], arrays[f'image_precision_{l}'] = mean, precision
-            arrays.update(moments.arrays(f'image_moments_{l}'))
         if self.pixel_model_ is not None:
-            arrays.update(_gaussian_arrays(self.pixel_model_))
+            arrays.update(_gaussian_arrays(self.pixel_model_, self.training_ is not None))
         return arrays
 
     def expected_state(self):
@@ -385,7 +428,6 @@ class MahalanobisMethod(AnomalyMethod):
             channels = shapes[level][0]
             state[f'image_mean_{level}'] = ((channels,), 'float32')
             state[f'image_precision_{level}'] = ((channels, channels), 'float32')
-            state.update(Moments.declared(f'image_moments_{level}', (), channels, higher=True))
         if self.params.get('pixel_levels'):
             state.update(_gaussian_state(self._grid() ** 2, self._channels(self.params['pixel_levels'])))
         return state
@@ -400,8 +442,7 @@ class MahalanobisMethod(AnomalyMethod):
     def load_state(self, arrays):
         levels = self.params['image_levels']
         self.image_model_ = MahalanobisAD([arrays[f'image_mean_{l}'] for l in levels],
-                                          [arrays[f'image_precision_{l}'] for l in levels],
-                                          [Moments.from_arrays(arrays, f'image_moments_{l}') for l in levels])
+                                          [arrays[f'image_precision_{l}'] for l in levels])
         self.pixel_model_ = _load_gaussian(arrays) if self.localizes else None
         return self
 
@@ -413,6 +454,7 @@ class PadimMethod(AnomalyMethod):
     options = (Option('dims', 'padim_dims', 200, 'count', 'padim: channels kept (random, seeded)'),)
     seeded = True
     localizes = True
+    keeps_training = True
 
     def configure(self, shapes, input_size):
         super().configure(shapes, input_size)
@@ -435,14 +477,10 @@ class PadimMethod(AnomalyMethod):
                              output_size)
         return maxima, maxima  # the image score is the map's maximum
 
-    def partial_fit(self, features):
-        self.gaussian_.partial_fit(features['patches'])
+    def partial_fit(self, features, groups):
+        self._add_training(features, groups)
+        self.gaussian_.update(self.training_['patches'])
         return self
-
-    def added_holdout_scores(self, features, groups, output_size):
-        maxima = _map_maxima(self.gaussian_.added_leave_out_distances(features['patches'], groups),
-                             self.params['grid'], output_size)
-        return maxima, maxima
 
     def score(self, features, output_size):
         grid = self.params['grid']
@@ -450,7 +488,7 @@ class PadimMethod(AnomalyMethod):
         return maps.reshape(len(maps), -1).max(axis=1), maps
 
     def state(self):
-        return _gaussian_arrays(self.gaussian_)
+        return _gaussian_arrays(self.gaussian_, self.training_ is not None)
 
     def expected_state(self):
         total = self._channels(self.params.get('levels'))
@@ -498,7 +536,7 @@ class SpadeMethod(AnomalyMethod):
         scores, distances = self._nearest(features['pooled'][plain], features['patches'][plain], own)
         return scores, _map_maxima(distances, self.params['grid'], output_size)
 
-    def partial_fit(self, features):
+    def partial_fit(self, features, groups):
         self.train_pooled_ = np.concatenate([self.train_pooled_, features['pooled']])
         self.train_patches_ = np.concatenate([self.train_patches_, features['patches']])
         return self
@@ -587,7 +625,7 @@ class PatchCoreMethod(AnomalyMethod):
         self.bank_rows_ = chosen // patches.shape[1]  # each bank row's training row, for the hold-out
         return self.set_bank(bank, ivf_centroids(bank, self.params['seed']))
 
-    def partial_fit(self, features):
+    def partial_fit(self, features, groups):
         """The new images' patches become further chunks of the coreset, the first continuing from the
         bank's last chunk's share (what the fit's next chunk would have started from: chunked_coreset),
         appended to the bank. The index keeps its lists (new rows filed under their nearest centre)

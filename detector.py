@@ -326,6 +326,8 @@ class Detector:
             method.fit(features)
             scale_holdout.append(holdout.HoldoutScores(*holdout.holdout_scores(method, features, groups,
                                                                                 self.output_size)))
+            if method.keeps_training and len(methods) == 1:  # what teaching adds to (not with several sizes)
+                method.keep_training(features, groups)
         self.methods_ = methods
         self.footings_ = [fusion.Footing.of(h) for h in scale_holdout] if len(methods) > 1 else None
         held_out = fusion.fuse_holdout(scale_holdout, self.footings_) if self.footings_ else scale_holdout[0]
@@ -366,11 +368,12 @@ class Detector:
     def partial_fit(self, images, by=None):
         """Teach the fitted detector more good images, without refitting -> self.
 
-        Costs time proportional to the new images (AnomalyMethod.partial_fit: exact for the Gaussians,
-        which keep their moments; SPADE appends; PatchCore extends its coreset). The new images' held-out
-        scores (each under the updated model without it) join the training images' (those are kept as
-        they were: each under the model it was held out of then), and the thresholds follow by their
-        rule (`_thresholds_after_change`). An image already taught (same sha256) is skipped with a note,
+        AnomalyMethod.partial_fit: the Gaussians are estimated again from their kept training rows and the
+        new ones, exactly, at a cost linear in the rows (a kept eigenbasis and Woodbury's identity, not a
+        refit), and every image's held-out score is computed again under the updated model (leave one
+        image out, as the fit does); SPADE appends and PatchCore extends its coreset, the new images' held-out
+        scores joining the earlier ones (which can only have fallen: see added_holdout_scores). The
+        thresholds follow by their rule (`_thresholds_after_change`). An image already taught (same sha256) is skipped with a note,
         an unreadable one with a warning; neither is recorded as taught. The change is an entry of
         meta_['history'] (history.py), by `by` (default the OS user); nothing at all to add changes
         nothing (no entry). images: as for fit; augmented views as the fit made them (aug_num).
@@ -419,12 +422,17 @@ class Detector:
 
     def _learn_good_images(self, training, count):
         logger.info('teaching %s %d new good images (%d views)', self.method, count, len(training.groups))
-        self.method_.partial_fit(training.features[0])
-        scores, maxima = self.method_.added_holdout_scores(training.features[0], training.groups, self.output_size)
-        old = self.holdout_
-        held_out = holdout.HoldoutScores(
-            np.concatenate([old.image, scores]),
-            None if maxima is None or old.pixel_maxima is None else np.concatenate([old.pixel_maxima, maxima]))
+        method = self.method_
+        method.partial_fit(training.features[0], training.groups)
+        if method.keeps_training:
+            held_out = holdout.HoldoutScores(*holdout.holdout_scores(method, method.training_, method.training_groups_,
+                                                                     self.output_size))
+        else:
+            scores, maxima = method.added_holdout_scores(training.features[0], training.groups, self.output_size)
+            old = self.holdout_
+            held_out = holdout.HoldoutScores(
+                np.concatenate([old.image, scores]),
+                None if maxima is None or old.pixel_maxima is None else np.concatenate([old.pixel_maxima, maxima]))
         self.meta_.update(held_out.to_meta(), n_train_images=self.meta_['n_train_images'] + count)
 
     def _learn_defects(self, training, count):

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 
-import cv2
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -330,32 +329,10 @@ def _pixel_gaussian(g, patches, model):
     return g.op('Transpose', [_sqrt_clipped(g, squared)], perm=[1, 0])
 
 
-def smoothing_matrix(grid, output_size, sigma=feature_maps.PIXEL_MAP_SIGMA):
-    """(output_size, grid) matrix K with K @ m @ K.T = feature_maps.upsample_and_smooth(m): OpenCV's
-    float INTER_LINEAR upsampling, then its Gaussian (kernel 8 sigma + 1 wide, BORDER_REFLECT)."""
-    upsample = np.zeros((output_size, grid))
-    for d in range(output_size):  # the float path keeps the float32 fraction (no 1/2048 units)
-        position = np.float32((d + 0.5) * (1.0 / (output_size / grid)) - 0.5)
-        s = math.floor(position)
-        f = 0.0 if s < 0 or s >= grid - 1 else float(np.float32(position - np.float32(s)))
-        upsample[d, min(max(s, 0), grid - 1)] += 1 - f
-        upsample[d, min(max(s + 1, 0), grid - 1)] += f
-    ksize = int(round(sigma * 4 * 2 + 1)) | 1  # OpenCV's default size for float images
-    kernel = cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F).ravel().astype(np.float64)
-    blur = np.zeros((output_size, output_size))
-    for i in range(output_size):
-        for t, weight in enumerate(kernel):
-            j = i + t - ksize // 2
-            while j < 0 or j >= output_size:  # BORDER_REFLECT: fedcba|abcdefgh|hgfedcb
-                j = -j - 1 if j < 0 else 2 * output_size - j - 1
-            blur[i, j] += weight
-    return (blur @ upsample).astype(np.float32)
-
-
 def _upsample_and_smooth(g, distances, grid, output_size):
     """(N, P) patch distances -> (N, S, S) map, as feature_maps.upsample_and_smooth."""
     grids = g.op('Reshape', [distances, g.shape_const([-1, grid, grid])])
-    k = smoothing_matrix(grid, output_size)
+    k = feature_maps.smoothing_matrix(grid, output_size)
     return g.op('MatMul', [g.op('MatMul', [g.const(k), grids]), g.const(np.ascontiguousarray(k.T))])
 
 

@@ -3,8 +3,10 @@
 An .npz archive (whatever its name: `<train_dir>.pkl` by default, as the ailia sample names it) of
 plain arrays: `meta`, one JSON text saying what produced the fit (backbone, preprocessing, method and
 its parameters, training settings, held-out scores, thresholds), and the arrays the method declares
-(`AnomalyMethod.expected_state`), and the method's features of the labelled defects taught with
---add_defects (`labelled_<name>`, AnomalyMethod.feature_state). A detector fitted at several input
+(`AnomalyMethod.expected_state`), the method's features of the labelled defects taught with
+--add_defects (`labelled_<name>`, AnomalyMethod.feature_state) and, for the Gaussians fitted at one
+input size, their training rows (`training_<name>`, `training_groups`: what teaching more images
+estimates them again from). A detector fitted at several input
 sizes holds one method per size: meta's input_size, resize_size and method_params are then lists (in
 ascending input size), each size's held-out scores are in scale_holdout, and each size's arrays carry
 the prefix `input<S>_`. With an int8 backbone (meta `int8` true), `int8_backbone` holds the quantized
@@ -31,8 +33,8 @@ from file_io import atomic_write_bytes
 from holdout import check_contamination
 
 FEATURE_FILE_FORMAT = 'mahalanobisad-features'
-FEATURE_FILE_VERSION = 4  # 3: method_params hold the feature shapes the arrays follow from; 4: the Gaussians'
-# moments (what partial_fit updates), the history of changes
+FEATURE_FILE_VERSION = 5  # 3: method_params hold the feature shapes the arrays follow from; 4: the history of
+# changes; 5: the Gaussians' training rows and kept eigenbasis (what partial_fit updates) instead of moments
 # Settings that change the features themselves: a feature file fitted with others cannot be used.
 FEATURE_SETTINGS = ('backbone', 'input_size', 'resize_size', 'mean', 'std', 'feature_names', 'method', 'int8')
 # Settings of the fit: the CLI does not silently reuse a default-named feature file fitted with others.
@@ -41,6 +43,10 @@ FIT_SETTINGS = ('train_dir', 'aug', 'aug_num', 'aug_rotate', 'seed', 'method_opt
 MAX_FEATURE_FILE_BYTES = 4 << 30
 # The features of labelled defect images (Detector.add_defects), K rows each, K >= 0, beside the method's state.
 LABELLED_PREFIX = 'labelled_'
+# The training rows of a method that keeps them (AnomalyMethod.keeps_training), N rows each, N >= 0 (0 where
+# it does not: several input sizes), and each row's image.
+TRAINING_PREFIX = 'training_'
+TRAINING_GROUPS = 'training_groups'
 MAX_META_CHARS = 1 << 24  # the history holds a 64-character sha256 per image taught
 
 
@@ -74,9 +80,16 @@ def save(path, meta, methods, int8_backbone=None):
 
 
 def arrays(method):
-    """{member name: array} a feature file holds for `method`: its state and its labelled defects' features."""
-    labelled = {LABELLED_PREFIX + name: array for name, array in method.labelled_features().items()}
-    return dict(method.state(), **labelled)
+    """{member name: array} a feature file holds for `method`: its state, its labelled defects' features and,
+    where it keeps them, its training rows."""
+    members = dict(method.state(), **{LABELLED_PREFIX + name: array
+                                      for name, array in method.labelled_features().items()})
+    if method.keeps_training:
+        kept = method.training_ is not None
+        members[TRAINING_GROUPS] = method.training_groups_ if kept else np.zeros(0, np.int64)
+        members.update({TRAINING_PREFIX + name: method.training_[name] if kept else np.zeros((0,) + shape, dtype)
+                        for name, (shape, dtype) in method.feature_state().items()})
+    return members
 
 
 def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
@@ -114,6 +127,8 @@ def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
                 method.load_state(own)
                 method.labelled_ = {name[len(LABELLED_PREFIX):]: array for name, array in own.items()
                                     if name.startswith(LABELLED_PREFIX)}
+                if method.keeps_training:
+                    _load_training(method, own, meta)
     except FeatureFileError:
         raise
     except _DamagedFile as e:
@@ -127,6 +142,21 @@ def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
 
 class _DamagedFile(ValueError):
     pass
+
+
+def _load_training(method, arrays, meta):
+    """The kept training rows into method.training_ (None where there are none), after checking that
+    their images are numbered 0 .. n_train_images - 1 in order, with as many rows each."""
+    groups = arrays[TRAINING_GROUPS]
+    if not len(groups):
+        return
+    counts = np.bincount(groups) if groups.min() >= 0 else np.zeros(0, np.int64)
+    if np.any(np.diff(groups) < 0) or len(counts) != meta.get('n_train_images') or len(set(counts.tolist())) != 1:
+        raise _DamagedFile(f'the training rows\' images ({len(groups)} rows) are not 0 .. n_train_images - 1 in '
+                           'order with as many rows each')
+    method.training_ = {name[len(TRAINING_PREFIX):]: array for name, array in arrays.items()
+                        if name.startswith(TRAINING_PREFIX) and name != TRAINING_GROUPS}
+    method.training_groups_ = groups
 
 
 def _read_meta(archive):
@@ -177,8 +207,14 @@ def _expected_state(scales):
     """{prefixed name: (shape, dtype)} of every size's arrays (the method's state and its labelled
     defects' features, K of them, K >= 0); a size the params leave open (a letter) is its own per input
     size."""
-    declared = lambda method: dict(method.expected_state(), **{  # noqa: E731
-        LABELLED_PREFIX + name: (('K*',) + shape, dtype) for name, (shape, dtype) in method.feature_state().items()})
+    def declared(method):
+        state = dict(method.expected_state(), **{
+            LABELLED_PREFIX + name: (('K*',) + shape, dtype) for name, (shape, dtype) in method.feature_state().items()})
+        if method.keeps_training:
+            state[TRAINING_GROUPS] = (('N*',), 'int64')
+            state.update({TRAINING_PREFIX + name: (('N*',) + shape, dtype)
+                          for name, (shape, dtype) in method.feature_state().items()})
+        return state
     return {prefix + name: (tuple(prefix + n if isinstance(n, str) else n for n in shape), dtype)
             for prefix, method in scales for name, (shape, dtype) in declared(method).items()}
 

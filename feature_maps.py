@@ -4,6 +4,9 @@ and a grid of patch scores becomes a heat map of the network's view.
 Shapes: feature maps are [(N, C_l, h_l, w_l), ...] float32, shallowest first; patches (N, P, D) with
 P = grid**2 positions; maps (N, S, S) float32 on the S x S network view.
 """
+import functools
+import math
+
 import cv2
 import numpy as np
 
@@ -81,6 +84,30 @@ def upsample_and_smooth(grids, output_size, sigma=PIXEL_MAP_SIGMA):
         out[start:start + MAP_CHANNELS] = smoothed.reshape(output_size, output_size, -1).transpose(2, 0, 1)
     return out
 
+
+
+@functools.lru_cache(maxsize=8)
+def smoothing_matrix(grid, output_size, sigma=PIXEL_MAP_SIGMA):
+    """(output_size, grid) float32 matrix K with K @ m @ K.T = upsample_and_smooth(m) (to float32 rounding):
+    OpenCV's float INTER_LINEAR upsampling, then its Gaussian (kernel 8 sigma + 1 wide, BORDER_REFLECT).
+    The exported graph's smoothing, and a batched product for many maps at once (held-out maxima)."""
+    upsample = np.zeros((output_size, grid))
+    for d in range(output_size):  # the float path keeps the float32 fraction (no 1/2048 units)
+        position = np.float32((d + 0.5) * (1.0 / (output_size / grid)) - 0.5)
+        s = math.floor(position)
+        f = 0.0 if s < 0 or s >= grid - 1 else float(np.float32(position - np.float32(s)))
+        upsample[d, min(max(s, 0), grid - 1)] += 1 - f
+        upsample[d, min(max(s + 1, 0), grid - 1)] += f
+    ksize = int(round(sigma * 4 * 2 + 1)) | 1  # OpenCV's default size for float images
+    kernel = cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F).ravel().astype(np.float64)
+    blur = np.zeros((output_size, output_size))
+    for i in range(output_size):
+        for t, weight in enumerate(kernel):
+            j = i + t - ksize // 2
+            while j < 0 or j >= output_size:  # BORDER_REFLECT: fedcba|abcdefgh|hgfedcb
+                j = -j - 1 if j < 0 else 2 * output_size - j - 1
+            blur[i, j] += weight
+    return (blur @ upsample).astype(np.float32)
 
 
 def patch_grid(shapes, input_size, required_by=None):

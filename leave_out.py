@@ -18,11 +18,16 @@ one fit. `ledoit_wolf_distances` reproduces sklearn's LedoitWolf (shrinkage reco
 subset from its own second and fourth moments); `regularized_distances` the covariance + reg * I of
 PixelGaussian. Shapes: rows (n, C) float; groups (n,) int, the source image of each row; the query of
 a group is its first row (the plain view). Returned distances follow np.unique(groups).
-"""
-import numpy as np
-from scipy import linalg
 
-from moments import ledoit_wolf_shrinkage
+The same eigenbases estimate the Gaussians themselves: `ledoit_wolf_precision` (sklearn's LedoitWolf
+through the Gram matrix when there are fewer rows than channels) and, for PixelGaussian, a `Basis` kept
+from the rows it was made of, to which rows added later (teaching a detector more images) are joined
+by Woodbury's identity in both `regularized_precision` and `regularized_distances`, at a cost linear in
+the rows instead of an inversion or eigendecomposition per position.
+"""
+import dataclasses
+
+import numpy as np
 
 RELATIVE_EIGENVALUE_FLOOR = 1e-12  # eigen-directions below this share of the largest carry no data
 
@@ -74,18 +79,6 @@ def _quadratic(coords, eigenvalues, members, n, c1, c2, pieces=None):
     return np.einsum('...r,...r->...', query, query / diagonal) + correction
 
 
-def regularized_distances(rows, groups, regularization):
-    """Leave-one-image-out distances under Gaussians with covariance = the unbiased sample covariance +
-    regularization * I (PixelGaussian), per position: rows (P, n, D) -> (P, G) float64."""
-    rows = np.asarray(rows, np.float64)
-    members, g = _groups(groups)
-    n = rows.shape[-2]
-    coords, eigenvalues = span_coordinates(rows - rows.mean(axis=-2, keepdims=True))
-    shape = coords.shape[:-2] + (len(members),)
-    c1, c2 = np.full(shape, 1.0 / (n - g - 1)), np.full(shape, float(regularization))
-    return np.sqrt(np.maximum(_quadratic(coords, eigenvalues, members, n, c1, c2), 0))
-
-
 def ledoit_wolf_distances(rows, groups):
     """Leave-one-image-out distances under sklearn's LedoitWolf Gaussian (empirical covariance shrunk
     towards mu I by the Ledoit-Wolf coefficient, both recomputed without the image): rows (n, C) -> (G,)."""
@@ -132,43 +125,159 @@ def _ledoit_wolf_quadratic(coords, eigenvalues, members, n, c, fourth, cube):
     return np.sqrt(np.maximum(quadratic, 0))
 
 
+def ledoit_wolf_shrinkage(count, channels, trace, frobenius, fourth):
+    """sklearn.covariance.ledoit_wolf_shrinkage from the scatter matrix's trace and squared Frobenius norm
+    and fourth = sum |x - m|^4 over the count rows -> (shrinkage, mu) arrays of the batch shape."""
+    mu = trace / count / channels
+    frobenius = frobenius / count ** 2
+    beta = (fourth / count - frobenius) / (channels * count)
+    delta = (frobenius - channels * mu ** 2) / channels
+    beta = np.minimum(beta, delta)
+    shrinkage = np.where(beta == 0, 0.0, beta / np.where(delta == 0, 1, delta))
+    return (np.zeros_like(shrinkage) if channels == 1 else shrinkage), mu
+
+
+def ledoit_wolf_precision(rows):
+    """sklearn's LedoitWolf().fit(rows) as (location (C,), precision (C, C)) float64, the precision as
+    its get_precision (scipy's pinvh: eigenvalues at or below max * C * eps count as 0), from the
+    eigenbasis of the data's span (the n x n Gram matrix when n <= C: a 1280-channel level of 220 images
+    costs a 220 x 220 eigendecomposition instead of a 1280 x 1280 one). rows (n, C)."""
+    basis = spectral_basis(rows)
+    n, c = np.shape(rows)
+    centred = np.asarray(rows, np.float64) - basis.mean
+    norms = np.einsum('nc,nc->n', centred, centred)
+    shrinkage, mu = ledoit_wolf_shrinkage(n, c, basis.values.sum(), np.sum(basis.values ** 2), np.sum(norms ** 2))
+    spanned = (1 - shrinkage) * basis.values / n + shrinkage * mu   # the shrunk covariance's eigenvalues
+    rest = shrinkage * mu                                           # ... on the directions the rows do not span
+    data = np.any(basis.vectors != 0, axis=0)
+    complement = c - int(data.sum())
+    largest = max(spanned[data].max(initial=0), rest if complement else 0)
+    cutoff = largest * c * np.finfo(np.float64).eps
+
+    def inverse(values):
+        values = np.asarray(values, np.float64)
+        return np.where(np.abs(values) > cutoff, 1 / np.where(values == 0, 1, values), 0)
+    rest_inverse = float(inverse(rest)) if complement else 0.0
+    precision = (basis.vectors * np.where(data, inverse(spanned) - rest_inverse, 0)) @ basis.vectors.T
+    precision[np.diag_indices(c)] += rest_inverse
+    return basis.mean, precision
+
+
 # ----------------------------------------------------------------------------------------------
-# From sufficient statistics (moments.Moments): the held-out scores of images just added to a model
+# The regularized Gaussians of PixelGaussian: a kept eigenbasis, and the rows added after it
 # ----------------------------------------------------------------------------------------------
 
-def ledoit_wolf_distances_from_moments(moments, rows, groups, eigen=None):
-    """ledoit_wolf_distances of the images whose rows (m, C) are among those `moments` (with cube and
-    fourth) describe, each left out of all n: one eigendecomposition of the C x C scatter (`eigen`,
-    (eigenvalues, basis) of np.linalg.eigh, where the caller has it), then each image costs C^2 (rows,
-    groups as in ledoit_wolf_distances) -> (G,)."""
-    members, _ = _groups(groups)
-    eigenvalues, basis = np.linalg.eigh(moments.scatter) if eigen is None else eigen
-    eigenvalues = np.maximum(eigenvalues, 0)
-    coords = (np.asarray(rows, np.float64) - moments.mean) @ basis
-    kept = _kept_mask(eigenvalues)
-    return _ledoit_wolf_quadratic(coords[:, kept], eigenvalues[kept], members, moments.count, moments.mean.shape[-1],
-                                  moments.fourth, (moments.cube @ basis)[kept])
+@dataclasses.dataclass
+class Basis:
+    """An eigenbasis of the scatter matrix of a Gaussian's first `count` training rows (per position):
+    vectors (..., D, r) orthonormal columns (a zero column for a direction that carries no data),
+    values (..., r) their eigenvalues, mean (..., D) those rows' mean; float64, r = min(count, D).
+    What PixelGaussian keeps so that rows added later enter by Woodbury's identity instead of a new
+    eigendecomposition or inversion (D^3 per position)."""
+    vectors: np.ndarray
+    values: np.ndarray
+    count: int
+    mean: np.ndarray
 
 
-def regularized_distances_from_moments(moments, rows, groups, regularization):
-    """regularized_distances of the images whose rows (P, m, D) are among those `moments` (P positions)
-    describe, each left out of all n -> (P, G). One Cholesky factor of A = c1 S + c2 I per position (the
-    covariance of n - g rows, with the full scatter: a sixth of an inverse's cost), then Woodbury's
-    identity in g x g per image, with U = sqrt(c1) D_G^T the left-out rows."""
+def spectral_basis(rows):
+    """rows (..., n, D) -> Basis of all of them: from the n x n Gram matrix or the D x D scatter, the
+    smaller (eigenvectors of the Gram matrix map to the scatter's through the rows)."""
+    rows = np.asarray(rows, np.float64)
+    mean = rows.mean(axis=-2)
+    centred = rows - mean[..., None, :]
+    n, d = centred.shape[-2:]
+    if n <= d:
+        values, vectors = np.linalg.eigh(centred @ np.swapaxes(centred, -1, -2))
+        values = np.maximum(values, 0)
+        kept = values > RELATIVE_EIGENVALUE_FLOOR * np.maximum(values.max(axis=-1, keepdims=True), 1e-300)
+        scale = np.where(kept, 1 / np.sqrt(np.where(kept, values, 1)), 0)
+        return Basis(np.swapaxes(centred, -1, -2) @ (vectors * scale[..., None, :]), np.where(kept, values, 0), n,
+                     mean)
+    values, vectors = np.linalg.eigh(np.swapaxes(centred, -1, -2) @ centred)
+    return Basis(vectors, np.maximum(values, 0), n, mean)
+
+
+def extra_rows(rows, basis):
+    """The rows' scatter about their mean m is the basis rows' (the first basis.count) plus E^T E, with
+    E = [the later rows - m; sqrt(count) (basis.mean - m)] (Chan et al.'s merge) -> E (..., K, D), K = 0
+    when there are no later rows."""
+    if rows.shape[-2] == basis.count:
+        return np.zeros(rows.shape[:-2] + (0, rows.shape[-1]))
+    mean = rows.mean(axis=-2)
+    return np.concatenate([rows[..., basis.count:, :] - mean[..., None, :],
+                           np.sqrt(basis.count) * (basis.mean - mean)[..., None, :]], axis=-2)
+
+
+def _base_weights(basis, c1, c2):
+    """(c1 B + c2 I)^-1 = I / c2 + V diag(w) V^T for B = V diag(values) V^T: w (..., r)."""
+    return 1 / (c1 * basis.values + c2) - 1 / c2
+
+
+def regularized_precision(rows, regularization, basis):
+    """(the unbiased covariance of rows (P, n, D) + regularization I)^-1, (P, D, D) float64, from `basis`
+    (of the first basis.count rows) and Woodbury's identity for the later ones E: with B the base part,
+    the precision is I / c2 + V diag(w) V^T - Z H^-1 Z^T, Z = B^-1 E^T, H = I / c1 + E Z: a product of
+    D x r by r x D per position and one of rank K, no inversion or eigendecomposition of D x D."""
+    rows = np.asarray(rows, np.float64)
+    c1, c2 = 1.0 / (rows.shape[-2] - 1), float(regularization)
+    left, right = basis.vectors * _base_weights(basis, c1, c2)[..., None, :], basis.vectors   # (P, D, r)
+    extra = extra_rows(rows, basis)                                                          # (P, K, D)
+    precision = left @ np.swapaxes(right, -1, -2)
+    if extra.shape[-2]:
+        toward = extra / c2 + (extra @ basis.vectors) @ np.swapaxes(left, -1, -2)            # Z^T = E B^-1 (P, K, D)
+        inner = np.eye(extra.shape[-2]) / c1 + toward @ np.swapaxes(extra, -1, -2)           # H (P, K, K)
+        precision -= np.swapaxes(toward, -1, -2) @ np.linalg.solve(inner, toward)            # in place: no copies
+    diagonal = np.arange(rows.shape[-1])
+    precision[..., diagonal, diagonal] += 1 / c2
+    return precision
+
+
+def regularized_distances(rows, groups, regularization, basis=None):
+    """Leave-one-image-out distances under Gaussians with covariance = the unbiased sample covariance +
+    regularization * I (PixelGaussian), per position: rows (P, n, D) -> (P, G) float64.
+
+    basis: the Basis of the first basis.count rows, where the caller keeps one (else spectral_basis of
+    all the rows): the later rows E enter by Woodbury's identity with the left-out group's, in (K + g)
+    x (K + g) per image, the K x K part shared (a Schur complement), so the cost stays linear in n."""
+    rows = np.asarray(rows, np.float64)
+    basis = spectral_basis(rows) if basis is None else basis
     members, g = _groups(groups)
-    n = moments.count
-    c1 = 1.0 / (n - g - 1)
-    factors = np.linalg.cholesky(c1 * moments.scatter + regularization * np.eye(moments.mean.shape[-1]))
-    centred = np.asarray(rows, np.float64) - moments.mean[:, None, :]                           # (P, m, D)
-    grouped = centred[:, members]                                                               # (P, G, g, D)
-    left_out = grouped * np.sqrt(c1)
-    query = grouped[:, :, 0] + grouped.sum(axis=2) / (n - g)                                    # (P, G, D)
-    # whitened by L^-1: y^T A^-1 y = |L^-1 y|^2, U^T A^-1 y = (L^-1 U)^T L^-1 y
-    columns = np.concatenate([query[:, :, None], left_out], axis=2)                             # (P, G, g + 1, D)
-    whitened = np.stack([linalg.solve_triangular(factor, position.reshape(-1, position.shape[-1]).T, lower=True)
-                         .T.reshape(position.shape) for factor, position in zip(factors, columns)])
-    wq, wu = whitened[:, :, 0], whitened[:, :, 1:]
-    inner = (np.eye(g) - 1.0 / n) - wu @ np.swapaxes(wu, -1, -2)                              # M^-1 - U^T A^-1 U
-    projected = np.einsum('pgkd,pgd->pgk', wu, wq)[..., None]                                   # U^T A^-1 y
-    correction = (np.swapaxes(projected, -1, -2) @ np.linalg.solve(inner, projected))[..., 0, 0]
-    return np.sqrt(np.maximum(np.einsum('pgd,pgd->pg', wq, wq) + correction, 0))
+    n = rows.shape[-2]
+    c1, c2 = 1.0 / (n - g - 1), float(regularization)
+    weights = _base_weights(basis, c1, c2)[..., None, :]                                    # (P, 1, r)
+
+    def inner_products(a, a_coords, b, b_coords):  # a^T (c1 B + c2 I)^-1 b for rows of a and b
+        return a @ np.swapaxes(b, -1, -2) / c2 + (a_coords * weights) @ np.swapaxes(b_coords, -1, -2)
+
+    centred = rows - rows.mean(axis=-2, keepdims=True)                                       # Y (P, n, D)
+    coords = centred @ basis.vectors                                                        # (P, n, r)
+    # A group's vectors, its query y = x_q - m_K and its left-out rows D_G, are `combine` times its rows.
+    combine = np.vstack([np.eye(g)[:1] + 1.0 / (n - g), np.eye(g)])                          # (g + 1, g)
+    if np.array_equal(members.ravel(), np.arange(n)):  # each image's rows together, in order (as fitted): views
+        grouped = centred.reshape(centred.shape[:-2] + members.shape + centred.shape[-1:])
+        grouped_coords = coords.reshape(coords.shape[:-2] + members.shape + coords.shape[-1:])
+    else:
+        grouped, grouped_coords = centred[..., members, :], coords[..., members, :]          # (P, G, g, D | r)
+    row_products = (np.einsum('...id,...jd->...ij', grouped, grouped) / c2
+                    + np.einsum('...ir,...jr->...ij', grouped_coords * weights[..., None, :], grouped_coords))
+    products = combine @ row_products @ combine.T                                           # (P, G, g + 1, g + 1)
+    # T_K = T - D_G^T M D_G: the group's block of Woodbury's inner matrix is -M^-1 / c1 + D_G A^-1 D_G^T
+    left_out = products[..., 1:, 1:] - (np.eye(g) - 1.0 / n) / c1
+    toward = products[..., 1:, 0]                                                           # D_G A^-1 y
+    quadratic = products[..., 0, 0]
+    extra = extra_rows(rows, basis)                                                         # (P, K, D)
+    if extra.shape[-2]:
+        extra_coords = extra @ basis.vectors
+        shared = np.eye(extra.shape[-2]) / c1 + inner_products(extra, extra_coords, extra, extra_coords)
+        cross_rows = inner_products(extra, extra_coords, centred, coords)                   # (P, K, n)
+        solved_rows = np.linalg.solve(shared, cross_rows)                                   # one solve per position
+
+        def per_group(values):  # (P, K, n) over rows -> (P, G, K, g + 1) over each group's vectors
+            return np.moveaxis(values[..., members], -3, -2) @ combine.T
+        cross, solved = per_group(cross_rows), per_group(solved_rows)
+        quadratic = quadratic - np.einsum('...k,...k->...', cross[..., 0], solved[..., 0])
+        left_out = left_out - np.swapaxes(cross[..., 1:], -1, -2) @ solved[..., 1:]
+        toward = toward - np.einsum('...kj,...k->...j', cross[..., 1:], solved[..., 0])
+    correction = np.einsum('...j,...j->...', toward, np.linalg.solve(left_out, toward[..., None])[..., 0])
+    return np.sqrt(np.maximum(quadratic - correction, 0))

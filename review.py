@@ -5,8 +5,8 @@ lock is taken, and written atomically: a command line and a console updating one
 never lose an update. The lock is an fcntl advisory lock on `<file>.lock` beside it; a second writer
 waits up to `timeout` seconds, then fails with one line. Before a change is written, the file as it
 was is kept as its undo point, `<file>.undo/<entry id>.npz` (one feature file's size per change: the
-Gaussians' moments could be downdated instead, but a copy undoes every method, its thresholds and
-held-out scores alike); `undo` restores the latest change's undo point and records the undo in the
+Gaussians could be estimated again without the rows a change added instead, but a copy undoes every
+method, its thresholds and held-out scores alike); `undo` restores the latest change's undo point and records the undo in the
 (kept, complete) history.
 """
 import contextlib

@@ -55,7 +55,7 @@ def test_view_equals_opencv_pixel_for_pixel(height, width, training_size):
 
 def test_smoothing_matrix_equals_upsample_and_smooth():
     grids = np.random.default_rng(3).random((3, 14, 14)).astype(np.float32) * 10
-    k = export_onnx.smoothing_matrix(14, 224)
+    k = feature_maps.smoothing_matrix(14, 224)
     np.testing.assert_allclose(k @ grids @ k.T, feature_maps.upsample_and_smooth(grids, 224), rtol=1e-5, atol=1e-5)
 
 
