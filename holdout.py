@@ -85,8 +85,9 @@ def holdout_folds(groups, folds=SCREENING_FOLDS, seed=0):
 
 
 def screening_scores(method, features, groups, output_size, folds=SCREENING_FOLDS, seed=0):
-    """Each training image's score under `method` (configured) refitted without its fold -> (G,), in
-    np.unique(groups) order: what the contamination rounds screen on.
+    """Each training image's score under `method` (configured) fitted without its fold (its fold_models:
+    a refit per fold, PatchCore's carved out of one fold-aligned coreset) -> (G,), in np.unique(groups)
+    order: what the contamination rounds screen on.
 
     Not the leave-one-out scores of the thresholds: a training folder's defects come in kinds (every bent
     part looks alike), and a model fitted on all the other images has seen the rest of a defect's kind,
@@ -97,9 +98,8 @@ def screening_scores(method, features, groups, output_size, folds=SCREENING_FOLD
     fold = holdout_folds(groups, folds, seed)
     plain = first_rows(groups)
     scores = np.empty(len(plain))
-    for k in np.unique(fold):
+    for k, model in method.fold_models(features, fold):
         held = fold[plain] == k
-        model = type(method)(**method.params).fit(select_features(features, fold != k))
         scores[held] = model.score(select_features(features, plain[held]), output_size)[0]
     return scores
 

@@ -120,3 +120,21 @@ def test_feature_file_round_trip_with_an_index(tmp_path):
     for a, b in zip(method.score(test, 64), loaded.score(test, 64)):
         np.testing.assert_array_equal(a, b)
     assert os.listdir(tmp_path) == ['patchcore.pkl']
+
+
+def test_screening_models_are_carved_out_of_one_fold_aligned_coreset():
+    """Contamination screening: each fold's model holds the other folds' part of one coreset whose
+    chains never straddle folds (no row of its own fold), with one index's centres; together the
+    folds' parts are that coreset, and each is what a fit on that fold alone would choose."""
+    method, features, groups = fitted_patchcore()
+    fold = holdout.holdout_folds(groups)
+    models = dict(method.fold_models(features, fold))
+    patches = features['patches']
+    banks = {k: {row.tobytes() for row in model.bank_} for k, model in models.items()}
+    for k in models:
+        alone = PatchCoreMethod(**method.params).fit({'patches': patches[fold == k]}).bank_
+        own = {row.tobytes() for row in alone}
+        assert own.isdisjoint(banks[k]) and all(own <= banks[j] for j in models if j != k)
+        np.testing.assert_array_equal(models[k].centroids_, models[(k + 1) % len(models)].centroids_)
+    scores = holdout.screening_scores(method, features, groups, 64)
+    assert scores.shape == (40,) and np.all(np.isfinite(scores))
