@@ -124,7 +124,10 @@ def load(path, max_bytes=MAX_FEATURE_FILE_BYTES):
             int8_backbone = _int8_backbone(arrays.pop(INT8_MEMBER, None), meta)
             for prefix, method in scales:
                 own = {name[len(prefix):]: array for name, array in arrays.items() if name.startswith(prefix)}
-                method.load_state(own)
+                try:
+                    method.load_state(own)
+                except FeatureFileError as e:  # the arrays do not fit together: say which file
+                    raise _DamagedFile(str(e)) from None
                 method.labelled_ = {name[len(LABELLED_PREFIX):]: array for name, array in own.items()
                                     if name.startswith(LABELLED_PREFIX)}
                 if method.keeps_training:

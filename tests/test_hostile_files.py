@@ -205,6 +205,10 @@ TAMPERINGS = {
     'meta not an object': (lambda a: dict(a, meta=np.array('[1, 2]')), 'meta is not a JSON object'),
     'meta nested deep': (lambda a: dict(a, meta=np.array('[' * 100000)), 'meta is not JSON'),
     'text for numbers': (lambda a: dict(a, pixel_mean=np.array(['x'])), 'array pixel_mean is <U1'),
+    'training rows out of order': (lambda a: dict(a, training_groups=np.array([0, 1, 2, 3, 4, 5, 7, 6])),
+                                   r"the training rows' images \(8 rows\) are not 0 .. n_train_images - 1 in order"),
+    'negative eigenvalue': (lambda a: dict(a, pixel_basis_values=-a['pixel_basis_values']),
+                            "the Gaussians' basis of 8 rows with 8 vectors of 18 channels is not an eigenbasis"),
 }
 
 
