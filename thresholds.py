@@ -17,7 +17,6 @@ import logging
 import os
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve
 
 import image_utils
 from errors import UsageError
@@ -67,6 +66,7 @@ def f1_optimal_threshold(labels, scores):
 
     labels: bool (M,), true = anomalous; scores: (M,). Needs both classes.
     """
+    from sklearn.metrics import precision_recall_curve  # here: importing sklearn.metrics costs every run 0.5 s
     labels, scores = np.asarray(labels).ravel(), np.asarray(scores).ravel()
     if labels.all() or not labels.any():
         raise ValueError('F1-optimal threshold needs both normal and anomalous samples')
