@@ -32,18 +32,6 @@ import numpy as np
 RELATIVE_EIGENVALUE_FLOOR = 1e-12  # eigen-directions below this share of the largest carry no data
 
 
-def span_coordinates(centred):
-    """centred rows (..., n, C) float64 -> (Z (..., n, r) the rows' coordinates in the eigenbasis of
-    their scatter matrix, eigenvalues (..., r) of that matrix), r = min(n, C)."""
-    n, c = centred.shape[-2:]
-    if n <= c:  # the Gram matrix's eigenvectors, scaled, are the coordinates
-        eigenvalues, vectors = np.linalg.eigh(centred @ np.swapaxes(centred, -1, -2))
-        eigenvalues = np.maximum(eigenvalues, 0)
-        return vectors * np.sqrt(eigenvalues)[..., None, :], eigenvalues
-    eigenvalues, basis = np.linalg.eigh(np.swapaxes(centred, -1, -2) @ centred)
-    return centred @ basis, np.maximum(eigenvalues, 0)
-
-
 def _groups(groups):
     """(rows of each group (G, g) int, their group size g) for equal-sized groups; ValueError otherwise."""
     _, first, counts = np.unique(groups, return_index=True, return_counts=True)
@@ -84,21 +72,17 @@ def ledoit_wolf_distances(rows, groups):
     towards mu I by the Ledoit-Wolf coefficient, both recomputed without the image): rows (n, C) -> (G,)."""
     rows = np.asarray(rows, np.float64)
     members, _ = _groups(groups)
-    coords, eigenvalues = span_coordinates(rows - rows.mean(axis=0))
-    coords, eigenvalues = _kept(coords, eigenvalues)
+    basis = spectral_basis(rows)
+    kept = _kept_mask(basis.values)
+    coords, eigenvalues = ((rows - basis.mean) @ basis.vectors)[:, kept], basis.values[kept]
     norms = np.einsum('nr,nr->n', coords, coords)
     return _ledoit_wolf_quadratic(coords, eigenvalues, members, len(rows), rows.shape[1], np.sum(norms ** 2),
                                   coords.T @ norms)
 
 
 def _kept_mask(eigenvalues):
-    """The eigen-directions that carry data (RELATIVE_EIGENVALUE_FLOOR) -> bool mask."""
-    return eigenvalues > RELATIVE_EIGENVALUE_FLOOR * max(eigenvalues.max(), 1e-300)
-
-
-def _kept(coords, eigenvalues):
-    kept = _kept_mask(eigenvalues)
-    return coords[..., kept], eigenvalues[kept]
+    """The eigen-directions that carry data (RELATIVE_EIGENVALUE_FLOOR of the largest), (..., r) -> bool mask."""
+    return eigenvalues > RELATIVE_EIGENVALUE_FLOOR * np.maximum(eigenvalues.max(axis=-1, keepdims=True), 1e-300)
 
 
 def _ledoit_wolf_quadratic(coords, eigenvalues, members, n, c, fourth, cube):
@@ -190,7 +174,7 @@ def spectral_basis(rows):
     if n <= d:
         values, vectors = np.linalg.eigh(centred @ np.swapaxes(centred, -1, -2))
         values = np.maximum(values, 0)
-        kept = values > RELATIVE_EIGENVALUE_FLOOR * np.maximum(values.max(axis=-1, keepdims=True), 1e-300)
+        kept = _kept_mask(values)
         scale = np.where(kept, 1 / np.sqrt(np.where(kept, values, 1)), 0)
         return Basis(np.swapaxes(centred, -1, -2) @ (vectors * scale[..., None, :]), np.where(kept, values, 0), n,
                      mean)
