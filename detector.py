@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 import anomaly_model
 import conditions
-import export_onnx
 import feature_file
 import fusion
 import history
@@ -747,6 +746,7 @@ class Detector:
         (N, H, W, 3) of `size` (width, height; default the training images' shared size) in; score,
         anomaly map and verdict out, as this detector gives them -> self."""
         self._check_fitted()
+        import export_onnx  # it imports onnx (0.6-0.9 s of start-up), which only exporting needs
         export_onnx.export_detector(self, path, size, __version__)
         return self
 

@@ -35,7 +35,7 @@ import feature_maps
 import image_utils
 from errors import ModelError, UsageError
 from file_io import atomic_write_bytes
-from model_utils import feature_graph
+from backbone_graph import feature_graph
 
 MIN_OPSET = 13          # ReduceSum's axes as an input, Squeeze/Unsqueeze axes as inputs
 BANK_CHUNK = 4096       # PatchCore: bank rows per distance block (peak memory: N x P x BANK_CHUNK floats)

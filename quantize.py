@@ -32,7 +32,6 @@ import tempfile
 
 import numpy as np
 import onnxruntime
-from onnxruntime import quantization
 
 import model_utils
 from errors import ModelError
@@ -55,15 +54,6 @@ def calibration_sample(n_images, seed, count=CALIBRATION_IMAGES):
     return np.sort(np.random.default_rng([seed, n_images]).choice(n_images, count, replace=False))
 
 
-class _Batches(quantization.CalibrationDataReader):
-    def __init__(self, input_name, tensors):
-        self.batches = iter([{input_name: tensors[i:i + CALIBRATION_BATCH]}
-                             for i in range(0, len(tensors), CALIBRATION_BATCH)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
 def quantize_backbone(onnx_path, tensors, float_nodes=FLOAT_NODES, per_channel=True, quant_format='QDQ',
                       calibration='MinMax'):
     """The backbone at `onnx_path`, statically quantized with activation ranges measured on `tensors`
@@ -75,7 +65,21 @@ def quantize_backbone(onnx_path, tensors, float_nodes=FLOAT_NODES, per_channel=T
     others: float_nodes (names of nodes left in float32; those the graph lacks are ignored), per_channel
     (weight scales per output channel, else per tensor), quant_format ('QDQ' or 'QOperator'),
     calibration ('MinMax' or 'Percentile')."""
-    model, _ = model_utils.feature_graph(onnx_path)
+    # Imported here: they import onnx (0.6-0.9 s), which scoring with a stored int8 backbone
+    # (open_quantized) does not need.
+    from onnxruntime import quantization
+
+    import backbone_graph
+
+    class Batches(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{input_name: tensors[i:i + CALIBRATION_BATCH]}
+                                 for i in range(0, len(tensors), CALIBRATION_BATCH)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    model, _ = backbone_graph.feature_graph(onnx_path)
     initializers = {i.name for i in model.graph.initializer}
     input_name = next(i.name for i in model.graph.input if i.name not in initializers)
     float_nodes = [node.name for node in model.graph.node if node.name in float_nodes]
@@ -84,7 +88,7 @@ def quantize_backbone(onnx_path, tensors, float_nodes=FLOAT_NODES, per_channel=T
         path = os.path.join(folder, 'int8.onnx')
         try:
             quantization.quantize_static(
-                model, path, _Batches(input_name, tensors), quant_format=quantization.QuantFormat[quant_format],
+                model, path, Batches(), quant_format=quantization.QuantFormat[quant_format],
                 per_channel=per_channel, activation_type=quantization.QuantType.QUInt8,
                 weight_type=quantization.QuantType.QInt8, nodes_to_exclude=float_nodes,
                 calibrate_method=quantization.CalibrationMethod[calibration])

@@ -30,6 +30,7 @@ from sklearn.metrics import roc_auc_score
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import anomaly_model  # noqa: E402
+import backbone_graph  # noqa: E402
 import image_utils  # noqa: E402
 import model_utils  # noqa: E402
 import quantize  # noqa: E402
@@ -145,7 +146,7 @@ def main():
     p.add_argument('--seeds', type=int, nargs='+', default=[0], help='calibration samples for the AUROCs')
     args = p.parse_args()
     spec, onnx_path = model_utils.resolve_model('lite0', args.model_dir)
-    float32 = model_utils.feature_graph(onnx_path)[0].SerializeToString()
+    float32 = backbone_graph.feature_graph(onnx_path)[0].SerializeToString()
     for name in args.categories:
         category = Category(os.path.join(args.data_path, name), spec, onnx_path)
         if not args.auroc_only:

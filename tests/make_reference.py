@@ -17,6 +17,7 @@ from efficientnet_lite_pytorch import EfficientNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import backbone_graph  # noqa: E402
 import image_utils  # noqa: E402
 import model_utils  # noqa: E402
 from tests.reference import REFERENCE_IMAGE, REFERENCE_FILE, reference_positions  # noqa: E402
@@ -24,7 +25,7 @@ from tests.reference import REFERENCE_IMAGE, REFERENCE_FILE, reference_positions
 
 def torch_features(net, x):
     """Stem, end of each stage, head: the same points as the ONNX graph's outputs."""
-    blocks = model_utils._efficientnet_blocks({k: v.numpy() for k, v in net.state_dict().items()})
+    blocks = backbone_graph._efficientnet_blocks({k: v.numpy() for k, v in net.state_dict().items()})
     last = {stage: i for stage, i, _ in blocks}
     with torch.no_grad():
         h = net._swish(net._bn0(net._conv_stem(x)))
@@ -47,9 +48,9 @@ def main():
         net = EfficientNet.from_pretrained(spec.name, weights_path=checkpoint)
         net.eval()
         expected = torch_features(net, torch.from_numpy(x))
-        graph = model_utils.build_efficientnet_onnx(model_utils.read_torch_checkpoint(checkpoint), spec.name)
+        graph = backbone_graph.build_efficientnet_onnx(model_utils.read_torch_checkpoint(checkpoint), spec.name)
         actual = model_utils.FeatureExtractor(graph.SerializeToString())(x)
-        for name, e, a in zip(model_utils.FEATURE_NAMES, expected, actual):
+        for name, e, a in zip(backbone_graph.FEATURE_NAMES, expected, actual):
             largest = float(np.abs(e).max())
             print(f'{key} {name:7s} {str(e.shape):18s} max |onnx - torch| / max |torch| = '
                   f'{np.abs(a - e).max() / largest:.2e}')

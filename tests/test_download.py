@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import backbone_graph
 import mahalanobisad
 import model_utils
 from model_utils import ModelError
@@ -226,7 +227,7 @@ def test_reduce_mean_outputs_are_rewritten_too():
              helper.make_node('ReduceMean', ['r'], ['c'], axes=[1], keepdims=1)]
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ('m', 'c')]
     model = helper.make_model(helper.make_graph(nodes, 'g', [x], outputs), opset_imports=[helper.make_opsetid('', 13)])
-    assert model_utils.expose_spatial_outputs(model) == 1
+    assert backbone_graph.expose_spatial_outputs(model) == 1
     assert [o.name for o in model.graph.output] == ['r', 'c']  # the channel mean is not spatial
 
 

@@ -1,11 +1,14 @@
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import backbone_graph
 import image_utils
 import model_utils
 from model_utils import ModelError
@@ -59,13 +62,25 @@ def test_converter_matches_torch_reference(key, model_dir):
     image = image_utils.load_image(os.path.join(REPO, REFERENCE_IMAGE))
     view = image_utils.network_view(image, spec.resize_size, spec.input_size)
     outputs = model_utils.FeatureExtractor(onnx_path)(image_utils.to_tensor(view, spec.mean, spec.std)[None])
-    assert len(outputs) == len(model_utils.FEATURE_NAMES) == 9
-    for name, output in zip(model_utils.FEATURE_NAMES, outputs):
+    assert len(outputs) == len(backbone_graph.FEATURE_NAMES) == 9
+    for name, output in zip(backbone_graph.FEATURE_NAMES, outputs):
         assert output.shape == tuple(reference[f'{key}/{name}/shape']), name
         expected = reference[f'{key}/{name}/values']
         actual = output.ravel()[reference_positions(output.size)]
         error = np.abs(actual - expected).max() / reference[f'{key}/{name}/largest']
         assert error <= 1e-4, f'{key} {name}: relative error {error:.2e}'
+
+
+def test_scoring_on_a_converted_backbone_never_imports_onnx(model_dir):
+    """onnx's import is 0.6-0.9 s of every start-up: only converting, rewriting a pooled graph, quantizing
+    and exporting import it (backbone_graph), not opening lite0 (converted by the fixture) and running it."""
+    code = ('import sys, numpy as np, mahalanobisad, model_utils; '
+            'extractor = model_utils.open_backbone("lite0", sys.argv[1])[1]; '
+            'maps = extractor(np.zeros((1, 3, 224, 224), np.float32)); '
+            'print(len(maps), extractor.spatial_rewrites, "onnx" in sys.modules)')
+    run = subprocess.run([sys.executable, '-c', code, model_dir], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert run.stdout.split() == ['9', '0', 'False'], run.stderr[-2000:]
 
 
 def test_converted_model_is_cached_and_a_broken_cache_rebuilt(tmp_path, model_dir):
