@@ -19,7 +19,7 @@ import outbox
 import holdout
 import image_utils
 import model_utils
-from conditions import DRIFT_WINDOW
+from conditions import DRIFT_WINDOW, SHIFT_RATE, SHIFT_WINDOW, ScoreShiftWindow
 from detector import Detector
 from errors import TOOL_ERRORS, UsageError
 
@@ -39,6 +39,15 @@ def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+    return value
+
+
+def shift_window(text):
+    value = int(text)
+    try:
+        ScoreShiftWindow(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
@@ -207,9 +216,10 @@ def add_model_arguments(p):
 
 def add_line_arguments(p):
     """What a live run or the console tells the line: verdicts to MQTT / webhooks through the outbox
-    (publish.py, outbox.py), Prometheus metrics (metrics.py), the conditions-drift window (conditions.py)."""
+    (publish.py, outbox.py), Prometheus metrics (metrics.py), the conditions-drift and score-shift windows
+    (conditions.py)."""
     p.add_argument('--publish', action='append', type=publish_url, default=None, metavar='URL',
-                   help='send each verdict, each drift warning and the summary as JSON to an MQTT topic '
+                   help='send each verdict, each drift or score-shift warning and the summary as JSON to an MQTT topic '
                         '(mqtt://HOST[:PORT]/TOPIC, mqtts://; QoS 1) or a webhook (http://, https://; POST), '
                         'through the outbox; repeatable (see docs/line_integration.md)')
     p.add_argument('--outbox', type=output_file, default=None, metavar='PATH',
@@ -225,6 +235,10 @@ def add_line_arguments(p):
     p.add_argument('--drift_window', type=positive_int, default=DRIFT_WINDOW, metavar='N',
                    help='warn when most of the last N images have brightness, contrast or sharpness outside the '
                         'training images\' range')
+    p.add_argument('--shift_window', type=shift_window, default=SHIFT_WINDOW, metavar='N',
+                   help='warn when so many of the last N images score above the median of the training images\' '
+                        'held-out scores that normal images like them would do so with probability at most '
+                        f'{SHIFT_RATE:g} (the threshold\'s false-positive rate no longer holds; at least 10)')
 
 
 def check_line_arguments(p, args):

@@ -30,6 +30,7 @@ warning when most of the recent images drift and one when that ends.
 import base64
 import collections
 import dataclasses
+import math
 
 import cv2
 import numpy as np
@@ -45,6 +46,9 @@ RANGE_MARGIN = 0.1    # the conformal range widened by this share of its width o
 DRIFT_WINDOW = 20     # recent images the drift warning looks at
 WINDOW_START = 0.5    # a warning when more than this share of the window drifts ...
 WINDOW_END = 0.25     # ... and its end when at most this share does (between them, no flapping)
+SHIFT_WINDOW = 100    # recent images the score-shift warning looks at (ScoreShiftWindow)
+SHIFT_RATE = 0.001    # a window of normal images raises it with probability at most this
+MAX_SHIFT_WINDOW = 10000  # a longer window would react only after as many images
 FEATURE_STRIDE = 16   # the maps of the feature check: mid-level, where framing and colour show (see the module)
 MAX_FEATURE_VALUES = 1 << 17  # the check's Gaussians at most this many numbers (512 KiB in the meta), else left out
 
@@ -254,3 +258,62 @@ class DriftWindow:
         counts = collections.Counter(name for outside in self.recent for name in outside)
         return {'state': 'started' if self.active else 'ended', 'window': self.size, 'drifted': drifted,
                 'outside': dict(counts.most_common())}
+
+
+class ScoreShiftWindow:
+    """Do the recent images score as the training images did? The thresholds from good images keep their
+    false-positive rate only for images exchangeable with the training images; a new session, another
+    batch of material or a lamp that aged can move every normal score up while each image stays inside
+    the photometric ranges (docs/accuracy.md: MVTec's test/good images against their training images).
+
+    The window holds the images judged normal (LineReport leaves ANOMALY verdicts out: a defect does not
+    count). Each is compared with the median of the training images' held-out scores (`reference`, the
+    conformal threshold at rate 1/2): a normal image exchangeable with them scores at or above it with
+    probability at most 1/2, also given that it scored below the threshold (the threshold is above the
+    median). A missed defect counts once at most, so a few of them do not raise the warning; most
+    images scoring high does. `add` returns a warning when the count among the last `size` images is one
+    that exchangeable normal images reach with probability at most `rate` (binomial, exact), and its end
+    when the count is back within one standard deviation above half the window; otherwise None. An
+    event: {'state': 'started' | 'ended', 'window', 'above_median', 'p'} (p: the chance of a count this
+    high from exchangeable normal images).
+    """
+
+    def __init__(self, size=SHIFT_WINDOW, rate=SHIFT_RATE):
+        if not 1 <= size <= MAX_SHIFT_WINDOW:
+            raise ValueError(f'a score-shift window must hold 1 to {MAX_SHIFT_WINDOW} images, got {size}')
+        self.size, self.active = size, False
+        self.start = _binomial_start(size, rate)
+        if self.start is None:
+            raise ValueError(f'a score-shift window of {size} images cannot tell a shift at rate {rate:g}: '
+                             f'it needs at least {math.ceil(math.log2(1 / rate))} images')
+        self.end = math.floor(size / 2 + math.sqrt(size) / 2)
+        self.recent = collections.deque(maxlen=size)
+
+    def add(self, score, reference):
+        """One image's score and the reference (the held-out median) -> an event or None."""
+        self.recent.append(score >= reference)
+        above = sum(self.recent)
+        if not self.active and len(self.recent) == self.size and above >= self.start:
+            self.active = True
+        elif self.active and above <= self.end:
+            self.active = False
+        else:
+            return None
+        return {'state': 'started' if self.active else 'ended', 'window': self.size, 'above_median': above,
+                'p': float(f'{binomial_tail(above, self.size):.3g}')}
+
+
+def binomial_tail(k, n):
+    """P(X >= k) for X ~ Binomial(n, 1/2): how likely k of n images exchangeable with the training images
+    score at or above their held-out median, at most. Exact (scipy.stats would cost start-up time for one sum)."""
+    return sum(math.comb(n, j) for j in range(k, n + 1)) / 2 ** n
+
+
+def _binomial_start(n, rate):
+    """The smallest k with P(X >= k) <= rate, X ~ Binomial(n, 1/2); None where even k = n is likelier."""
+    total = 0
+    for k in range(n, -1, -1):
+        total += math.comb(n, k)
+        if total / 2 ** n > rate:
+            return k + 1 if k < n else None
+    return 0

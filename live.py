@@ -316,10 +316,10 @@ def _base_summary(detector, tally, interrupted, report):
 
 
 def _tell_the_line(report, records, result, latency=None, **where):
-    """A scored image to the LineReport (message, metrics, drift window); a drift warning it raises
-    (or its end) also becomes a JSON line {"drift": {...}}."""
-    for event in report.scored(result, latency, **where):
-        records.write({'drift': event})
+    """A scored image to the LineReport (message, metrics, drift and score-shift windows); a warning it
+    raises (or its end) also becomes a JSON line {"drift": {...}} or {"score_shift": {...}}."""
+    for record in report.scored(result, latency, **where):
+        records.write(record)
 
 
 def inspect_video(detector, spec, realtime=False, savepath=None, json_path=None, report=None):
@@ -327,7 +327,7 @@ def inspect_video(detector, spec, realtime=False, savepath=None, json_path=None,
     frame of a live source -> the summary dict.
 
     Writes a JSON line per scored frame {frame, time_s, score, anomaly, conditions[, latency_s]}, the
-    drift warnings {"drift": {...}} and a last line {"summary": {...}} to json_path, and an annotated
+    drift and score-shift warnings ({"drift": {...}}, {"score_shift": {...}}) and a last line {"summary": {...}} to json_path, and an annotated
     frame per scored frame to the video savepath (None: no video); tells `report` (a
     publish.LineReport: messages, metrics; default one that only watches the conditions) of each
     frame. Runs to the end of the source, or until Ctrl-C / SIGTERM (then the outputs are finished as
@@ -478,7 +478,7 @@ def watch_folder(detector, folder, figures_dir=None, json_path=None, poll_s=WATC
     written, until Ctrl-C or SIGTERM -> the summary dict.
 
     Per file: a log line, a JSON line {path, score, anomaly, conditions} to json_path (and the drift
-    warnings, {"drift": {...}}), the four-panel figure to figures_dir (None: no figures), and `report`
+    and score-shift warnings, {"drift": {...}}, {"score_shift": {...}}), the four-panel figure to figures_dir (None: no figures), and `report`
     (a publish.LineReport: messages, metrics; default one that only watches the conditions) is told,
     with the latency from the file found complete to its verdict; a file that vanishes or cannot be
     decoded is a warning (and a message with verdict "error").

@@ -13,6 +13,7 @@ plant network, deliberately.
 | mahalanobisad_failures_total | counter | images that could not be read or scored |
 | mahalanobisad_drifted_images_total | counter | scored images with conditions outside the training range |
 | mahalanobisad_drift_warning | gauge | 1 while most recent images drift (conditions.DriftWindow) |
+| mahalanobisad_score_shift_warning | gauge | 1 while recent images score above the training images' held-out median far more often than half the time (conditions.ScoreShiftWindow) |
 | mahalanobisad_threshold | gauge | the image threshold now |
 | mahalanobisad_score | histogram | image scores; buckets at multiples of the threshold at start |
 | mahalanobisad_latency_seconds | histogram | image taken up (frame captured, file complete, upload received) to verdict |
@@ -47,6 +48,9 @@ class Metrics:
                                'scored images whose conditions were outside the training range', registry=registry)
         self.drift_warning = Gauge('mahalanobisad_drift_warning', '1 while most recent images drift',
                                    registry=registry)
+        self.score_shift_warning = Gauge('mahalanobisad_score_shift_warning',
+                                         '1 while recent images score above the training images\' held-out median '
+                                         'far more often than half the time', registry=registry)
         Gauge('mahalanobisad_threshold', 'image score threshold', registry=registry).set_function(threshold)
         self.score = Histogram('mahalanobisad_score', 'image anomaly scores (buckets: multiples of the threshold at '
                                'start)', buckets=[round(r * threshold(), 6) for r in SCORE_BUCKETS], registry=registry)

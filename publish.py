@@ -4,7 +4,7 @@ holding the inspection.
     report = publish.LineReport(detector, 'watch:/line3/in', Publisher(['mqtt://broker:1883/line3/verdicts'],
                                                                        'line3.outbox'))
     for result in detector.inspect(paths):
-        report.scored(result, path=result.path)     # a message, the metrics, the drift window
+        report.scored(result, path=result.path)     # a message, the metrics, the drift and score-shift windows
     report.close()                                  # waits a little for the outbox to drain
 
 - `parse_destination`: `--publish URL`. mqtt:// and mqtts:// (port 1883 / 8883; the topic is the path,
@@ -40,6 +40,7 @@ import requests
 
 import conditions
 import metrics
+import thresholds
 from errors import UsageError
 from outbox import DEFAULT_MAX_MB, Outbox
 
@@ -391,7 +392,7 @@ class Publisher:
 # ----------------------------------------------------------------------------------------------
 
 def message(kind, source, **fields):
-    """A message of `kind` ('verdict', 'drift', 'summary'): schema, type, a fresh id, time (UTC,
+    """A message of `kind` ('verdict', 'drift', 'score_shift', 'summary'): schema, type, a fresh id, time (UTC,
     ISO 8601), host and source, then `fields`."""
     return {'schema': SCHEMA, 'type': kind, 'id': str(uuid.uuid4()),
             'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='milliseconds'),
@@ -400,13 +401,15 @@ def message(kind, source, **fields):
 
 class LineReport:
     """What one run tells the line of each image: a message through `publisher` (if any), the metrics
-    (`metrics`, if any) and the drift window's warnings (logged, published, and returned for the
-    caller's JSON Lines). source: what the run inspects, as messages say it ('watch:DIR', 'video:SRC',
-    'console'). A context manager: leaving it closes the publisher."""
+    (`metrics`, if any) and the warnings of the conditions-drift and score-shift windows (logged,
+    published, and returned for the caller's JSON Lines). source: what the run inspects, as messages
+    say it ('watch:DIR', 'video:SRC', 'console'). A context manager: leaving it closes the publisher."""
 
-    def __init__(self, detector, source, publisher=None, metrics=None, drift_window=conditions.DRIFT_WINDOW):
+    def __init__(self, detector, source, publisher=None, metrics=None, drift_window=conditions.DRIFT_WINDOW,
+                 shift_window=conditions.SHIFT_WINDOW):
         self.detector, self.source, self.publisher, self.metrics = detector, source, publisher, metrics
         self.window = conditions.DriftWindow(drift_window)
+        self.shift = conditions.ScoreShiftWindow(shift_window)
         self.drifted = 0
         self._lock = threading.Lock()  # the console reports from several request threads
 
@@ -421,8 +424,9 @@ class LineReport:
             self.publisher.publish(message(kind, self.source, **fields))
 
     def scored(self, result, latency_s=None, **where):
-        """A scored detector.Inspection (where: path=... or frame=..., time_s=...) -> the drift events
-        it raised ([] or one {'state', 'window', 'drifted', 'outside'}: see conditions.DriftWindow)."""
+        """A scored detector.Inspection (where: path=... or frame=..., time_s=...) -> the warnings it raised,
+        as JSON Lines records: [] or [{'drift': event}] (conditions.DriftWindow) and/or [{'score_shift':
+        event}] (conditions.ScoreShiftWindow)."""
         judged = result.conditions
         with self._lock:
             if self.metrics:
@@ -438,21 +442,46 @@ class LineReport:
                           verdict='ANOMALY' if result.anomaly else 'normal', anomaly=bool(result.anomaly),
                           conditions=judged.to_json() if judged else None,
                           **({} if latency_s is None else {'latency_s': round(latency_s, 4)}))
-            event = self.window.add(judged) if judged else None
-            if event is None:
-                return []
-            if self.metrics:
-                self.metrics.drift_warning.set(event['state'] == 'started')
-            outside = ', '.join(f'{name} {count}' for name, count in event['outside'].items())
-            if event['state'] == 'started':
-                logger.warning('conditions drift: %d of the last %d images are outside the training images\' range '
-                               '(%s): check the light, the focus and the camera before trusting the verdicts',
-                               event['drifted'], event['window'], outside)
-            else:
-                logger.info('conditions back in range: %d of the last %d images outside', event['drifted'],
-                            event['window'])
-            self._publish('drift', drift=event)
-            return [event]
+            records = []
+            drift = self.window.add(judged) if judged else None
+            if drift is not None:
+                self._drift_warning(drift)
+                records.append({'drift': drift})
+            # Images judged normal only (ScoreShiftWindow). The reference follows the detector: the console
+            # swaps it when a review is applied or undone.
+            shift = None if result.anomaly else self.shift.add(
+                result.score, thresholds.conformal_threshold(self.detector.holdout_.image, 0.5)[0])
+            if shift is not None:
+                self._shift_warning(shift)
+                records.append({'score_shift': shift})
+            return records
+
+    def _drift_warning(self, event):
+        if self.metrics:
+            self.metrics.drift_warning.set(event['state'] == 'started')
+        outside = ', '.join(f'{name} {count}' for name, count in event['outside'].items())
+        if event['state'] == 'started':
+            logger.warning('conditions drift: %d of the last %d images are outside the training images\' range '
+                           '(%s): check the light, the focus and the camera before trusting the verdicts',
+                           event['drifted'], event['window'], outside)
+        else:
+            logger.info('conditions back in range: %d of the last %d images outside', event['drifted'],
+                        event['window'])
+        self._publish('drift', drift=event)
+
+    def _shift_warning(self, event):
+        if self.metrics:
+            self.metrics.score_shift_warning.set(event['state'] == 'started')
+        if event['state'] == 'started':
+            logger.warning('scores shifted: %d of the last %d images scored above the median of the training images\' '
+                           'held-out scores (normal images like them: about half; p = %.2g): the threshold\'s '
+                           'false-positive rate does not hold for these images. Check what changed (session, '
+                           'material, light); teach good images of it (--add_good) or fit again',
+                           event['above_median'], event['window'], event['p'])
+        else:
+            logger.info('scores back to the training images\': %d of the last %d above their held-out median',
+                        event['above_median'], event['window'])
+        self._publish('score_shift', score_shift=event)
 
     def failed(self, error, **where):
         """An input that could not be read or scored (why: `error`): counted and published."""
@@ -481,7 +510,7 @@ def report_from_args(args, detector, source, default_outbox, with_metrics=False)
     (outbox --outbox, else default_outbox), Metrics served on --metrics_port (also without a port
     where with_metrics: the console serves them itself)."""
     served = args.metrics_port is not None
-    report = LineReport(detector, source, drift_window=args.drift_window)
+    report = LineReport(detector, source, drift_window=args.drift_window, shift_window=args.shift_window)
     # The report's detector, not this one: the console swaps it after a review is applied or undone.
     line_metrics = metrics.Metrics(lambda: report.detector.threshold_) if served or with_metrics else None
     if served:

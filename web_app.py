@@ -205,7 +205,7 @@ class Console:
 
     def tell_the_line(self, result, title, started):
         """A user's image, scored or not (result.error, the reason naming it as the user knows it), to
-        the line: message, metrics, drift window."""
+        the line: message, metrics, drift and score-shift windows."""
         if result.error is not None:
             self.report.failed(result.error.replace(result.path, title), path=title)
         else:

@@ -28,6 +28,7 @@ import web_app
 from detector import Detector
 from errors import FeatureFileError, OutboxError, UsageError
 from outbox import Outbox
+from thresholds import conformal_threshold
 from tests.conftest import REPO
 from tests.line_parts import Broker, Receiver, Subscriber, free_port, tls_listener, wait_for
 
@@ -152,6 +153,7 @@ import logging, resource, signal, sys
 sys.path.insert(0, sys.argv[1])
 logging.basicConfig(level=logging.WARNING, format='%(message)s')
 from outbox import Outbox
+from thresholds import conformal_threshold
 box = Outbox(sys.argv[2], ['a'])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit fails (EFBIG) like on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
@@ -395,6 +397,58 @@ def test_drift_window_warns_once_when_most_drift_and_once_when_it_ends():
     assert window.add(conditions.Conditions(0, 0, 0)) is None  # unjudged: an old feature file
     with pytest.raises(ValueError):
         conditions.DriftWindow(0)
+
+
+def test_score_shift_window_warns_once_when_most_score_high_and_once_when_it_ends():
+    window = conditions.ScoreShiftWindow(10)
+    assert (window.start, window.end) == (10, 6)  # P(10 of 10 above | exchangeable) = 1/1024 <= 0.001
+    scores = [0.4, 0.9] + [0.8] * 9 + [0.1] * 5
+    events = [window.add(score, reference=0.5) for score in scores]
+    assert [e and e['state'] for e in events] == [None] * 10 + ['started'] + [None] * 3 + ['ended', None]
+    assert events[10] == {'state': 'started', 'window': 10, 'above_median': 10, 'p': 0.000977}
+    assert events[14] == {'state': 'ended', 'window': 10, 'above_median': 6, 'p': 0.377}
+    for size in (0, 9, conditions.MAX_SHIFT_WINDOW + 1):
+        with pytest.raises(ValueError):
+            conditions.ScoreShiftWindow(size)
+
+
+def test_score_shift_window_keeps_its_rate_on_exchangeable_images_and_sees_a_shift():
+    """Held-out scores and new normal scores from one distribution, images below the FPR 0.01 threshold
+    counted (as LineReport does): the warning starts about as rarely as its rate says (checked at every
+    image, so windows overlap), also with 5% defects among them; scores moved up by half a standard
+    deviation (70% above the median) are seen within a few windows."""
+    rng = np.random.default_rng(0)
+    held_out = rng.normal(size=200)
+    reference, threshold = conformal_threshold(held_out, 0.5)[0], conformal_threshold(held_out, 0.01)[0]
+
+    def starts(scores):
+        window = conditions.ScoreShiftWindow(100)
+        return [i for i, score in enumerate(scores)
+                if score < threshold and (window.add(score, reference) or {}).get('state') == 'started']
+
+    normal = rng.normal(size=100_000)
+    assert len(starts(normal)) <= 5
+    assert len(starts(np.where(rng.random(100_000) < 0.05, 10.0, normal))) <= 5
+    shifted = starts(rng.normal(size=2000) + 0.5)
+    assert shifted and shifted[0] < 400
+
+
+def test_line_report_warns_when_scores_shift(line_feat, model_dir, small_train, caplog):
+    detector = Detector.load(line_feat, model_dir=model_dir)
+    frames = [cv2.cvtColor(darkened(p, 0.3), cv2.COLOR_BGR2RGB) for p in image_utils.list_images(small_train)[:10]]
+    results = list(detector.inspect(frames))
+    assert all(r.anomaly for r in results)  # ANOMALY verdicts are left out of the window: no warning
+    with publish.LineReport(detector, 'test', shift_window=10) as report:
+        assert [r for result in results for r in report.scored(result, frame=result.index)] == []
+    detector.set_threshold(1e9, 'a line that flags nothing')  # verdicts normal: the window counts them all
+    line_metrics = metrics.Metrics(lambda: detector.threshold_)
+    with publish.LineReport(detector, 'test', metrics=line_metrics, shift_window=10) as report:
+        records = [r for result in detector.inspect(frames) for r in report.scored(result, frame=result.index)]
+        exposed = line_metrics.exposition().decode()
+    shift = next(r['score_shift'] for r in records if 'score_shift' in r)
+    assert shift == {'state': 'started', 'window': 10, 'above_median': 10, 'p': 0.000977}
+    assert 'mahalanobisad_score_shift_warning 1.0' in exposed
+    assert 'scores shifted: 10 of the last 10 images scored above the median' in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------
