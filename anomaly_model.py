@@ -40,19 +40,31 @@ class MahalanobisAD:
     float64 (leave_out.ledoit_wolf_precision), stored and applied in float32, which moves scores by about
     1e-7 relative and halves the cost. Estimated from the rows in the eigenbasis of their span, so a fit
     on all the training rows again (what teaching more images does) costs a Gram matrix, not a
-    C x C eigendecomposition per level.
+    C x C eigendecomposition per level. bases_[l]: that eigenbasis (leave_out.Basis), kept in memory
+    after a fit for the held-out distances of the same rows (None: a loaded model; made again there).
     """
 
     def __init__(self, means=None, precisions=None):
         self.means_ = means or []
         self.precisions_ = precisions or []
+        self.bases_ = None
 
     def fit(self, train_features):
         """train_features: [(N, C_l) float, ...] pooled features of the N training images."""
-        estimates = [leave_out.ledoit_wolf_precision(features) for features in train_features]
+        self.bases_ = [leave_out.spectral_basis(features) for features in train_features]
+        estimates = [leave_out.ledoit_wolf_precision(features, basis)
+                     for features, basis in zip(train_features, self.bases_)]
         self.means_ = [mean.astype(np.float32) for mean, _ in estimates]
         self.precisions_ = [precision.astype(np.float32) for _, precision in estimates]
         return self
+
+    def leave_out_distances(self, train_features, groups):
+        """[(N, C_l), ...] the rows this model was fitted on -> (G,) each image's summed distance under the
+        Gaussians fitted without it (leave_out.ledoit_wolf_distances, on the fit's eigenbases)."""
+        bases = [basis if basis.count == len(features) else None
+                 for basis, features in zip(self.bases_, train_features)] if self.bases_ else [None] * len(train_features)
+        return sum(leave_out.ledoit_wolf_distances(features, groups, basis)
+                   for features, basis in zip(train_features, bases))
 
     def level_distances(self, features):
         """[(N, C_l), ...] -> (N, L) Mahalanobis distance of each image at each level."""
@@ -403,8 +415,8 @@ class MahalanobisMethod(AnomalyMethod):
                                            output_size)
 
     def holdout_scores(self, features, groups, output_size):
-        scores = sum(leave_out.ledoit_wolf_distances(features[f'pooled{l}'], groups)
-                     for l in self.params['image_levels'])
+        scores = self.image_model_.leave_out_distances([features[f'pooled{l}'] for l in self.params['image_levels']],
+                                                       groups)
         if self.pixel_model_ is None:
             return scores, None
         patches = self.pixel_model_.leave_out_distances(features['patches'], groups)

@@ -282,17 +282,23 @@ class ScoreShiftWindow:
         if not 1 <= size <= MAX_SHIFT_WINDOW:
             raise ValueError(f'a score-shift window must hold 1 to {MAX_SHIFT_WINDOW} images, got {size}')
         self.size, self.active = size, False
-        self.start = _binomial_start(size, rate)
+        self.tails = upper_tail_counts(size)
+        # The smallest count exchangeable images reach with probability at most `rate` (None: not even all).
+        self.start = next((k for k in range(size + 1) if self.tails[k] / 2 ** size <= rate), None)
         if self.start is None:
             raise ValueError(f'a score-shift window of {size} images cannot tell a shift at rate {rate:g}: '
                              f'it needs at least {math.ceil(math.log2(1 / rate))} images')
         self.end = math.floor(size / 2 + math.sqrt(size) / 2)
         self.recent = collections.deque(maxlen=size)
+        self.above = 0  # how many of `recent` are True
 
     def add(self, score, reference):
         """One image's score and the reference (the held-out median) -> an event or None."""
+        if len(self.recent) == self.size:
+            self.above -= self.recent[0]
         self.recent.append(score >= reference)
-        above = sum(self.recent)
+        self.above += self.recent[-1]
+        above = self.above
         if not self.active and len(self.recent) == self.size and above >= self.start:
             self.active = True
         elif self.active and above <= self.end:
@@ -300,20 +306,17 @@ class ScoreShiftWindow:
         else:
             return None
         return {'state': 'started' if self.active else 'ended', 'window': self.size, 'above_median': above,
-                'p': float(f'{binomial_tail(above, self.size):.3g}')}
+                'p': float(f'{self.tails[above] / 2 ** self.size:.3g}')}
 
 
-def binomial_tail(k, n):
-    """P(X >= k) for X ~ Binomial(n, 1/2): how likely k of n images exchangeable with the training images
-    score at or above their held-out median, at most. Exact (scipy.stats would cost start-up time for one sum)."""
-    return sum(math.comb(n, j) for j in range(k, n + 1)) / 2 ** n
-
-
-def _binomial_start(n, rate):
-    """The smallest k with P(X >= k) <= rate, X ~ Binomial(n, 1/2); None where even k = n is likelier."""
-    total = 0
-    for k in range(n, -1, -1):
-        total += math.comb(n, k)
-        if total / 2 ** n > rate:
-            return k + 1 if k < n else None
-    return 0
+def upper_tail_counts(n):
+    """[sum of C(n, j) for j >= k, for k = 0 .. n]: divided by 2 ** n, P(X >= k) for X ~ Binomial(n, 1/2),
+    how likely k of n images exchangeable with the training images score at or above their held-out
+    median, at most. Exact integers, each binomial coefficient from the previous one (linear in n;
+    scipy.stats would cost start-up time for one sum)."""
+    counts, term, total = [0] * (n + 1), 1, 0
+    for j in range(n, -1, -1):  # term = C(n, j)
+        total += term
+        counts[j] = total
+        term = term * j // (n - j + 1)
+    return counts

@@ -148,20 +148,25 @@ class _Graph:
         return self.const(np.array(shape, np.int64), 'shape')
 
 
-def _add_resize(g, image, height, width, resize_size, crop_size, training_size=None):
-    """image (N, height, width, 3) uint8 -> the centre crop_size square of the image resized by
-    image_utils.resize_short_side, channels first: float32 (N, 3, S, S) holding the uint8 values;
-    brought to training_size (W, H) first where image_utils.to_training_size does so.
+def _add_planes(g, image, height, width, training_size=None):
+    """image (N, height, width, 3) uint8 -> (planes (N * 3, h, w), h, w): channels first, brought to
+    training_size (W, H) where image_utils.to_training_size does so (once, for every input size's view).
 
     Channels first, as (N * 3, h, w) planes: every gather runs along the middle axis, copying whole
     rows (onnxruntime's Gather and broadcast Mul are several times slower on the innermost axis),
     and a pass along columns runs on transposed planes (a fast batched 2-D transpose)."""
     planes = g.op('Reshape', [g.op('Transpose', [image], perm=[0, 3, 1, 2]), g.shape_const([-1, height, width])])
     matched = image_utils.training_size_shape(height, width, training_size)
-    if matched is not None:
-        kind = _resize_kind(height, width, *matched, enlarging=not matched[0] < height)
-        planes = _resize_planes(g, planes, height, width, matched, kind, np.arange(matched[0]), np.arange(matched[1]))
-        height, width = matched
+    if matched is None:
+        return planes, height, width
+    kind = _resize_kind(height, width, *matched, enlarging=not matched[0] < height)
+    planes = _resize_planes(g, planes, height, width, matched, kind, np.arange(matched[0]), np.arange(matched[1]))
+    return planes, matched[0], matched[1]
+
+
+def _add_view(g, planes, height, width, resize_size, crop_size):
+    """_add_planes' planes -> the centre crop_size square of the image resized by
+    image_utils.resize_short_side: float32 (N, 3, S, S) holding the uint8 values."""
     kind, (new_h, new_w) = resize_plan(height, width, resize_size)
     top, left = (new_h - crop_size) // 2, (new_w - crop_size) // 2
     view = _resize_planes(g, planes, height, width, (new_h, new_w), kind, np.arange(top, top + crop_size),
@@ -565,9 +570,9 @@ def build_model(spec, onnx_model, scales, image_size, threshold, metadata=None, 
     output_size = scales[-1][0]
     scale, offset = image_utils.normalization(spec.mean, spec.std)
     results = []
+    planes = _add_planes(g, 'image', height, width, training_size)
     for copy_index, (input_size, method, feature_shapes) in enumerate(scales):
-        view = _add_resize(g, 'image', height, width, image_utils.resize_size_for(input_size), input_size,
-                           training_size)
+        view = _add_view(g, *planes, image_utils.resize_size_for(input_size), input_size)
         tensor = g.op('Sub', [g.op('Mul', [view, g.const(scale.reshape(1, 3, 1, 1))]),
                               g.const(offset.reshape(1, 3, 1, 1))])                  # (N, 3, S, S)
         maps = _add_backbone(g, backbone, tensor, copy_index)
@@ -610,7 +615,7 @@ def view_model(height, width, resize_size, crop_size, training_size=None):
     uint8, which must equal image_utils.network_view (of image_utils.to_training_size's image; the
     tests compare them pixel for pixel)."""
     g = _Graph(MIN_OPSET)
-    view = _add_resize(g, 'image', height, width, resize_size, crop_size, training_size)
+    view = _add_view(g, *_add_planes(g, 'image', height, width, training_size), resize_size, crop_size)
     g.op('Transpose', [g.op('Cast', [view], to=TensorProto.UINT8)], perm=[0, 2, 3, 1], name='view')
     graph = helper.make_graph(g.nodes, 'view', [helper.make_tensor_value_info('image', TensorProto.UINT8,
                                                                              ['N', height, width, 3])],

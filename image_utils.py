@@ -655,7 +655,11 @@ def augment(image, rng, resize_size, crop_size, max_rotation=AUG_MAX_ROTATION_DE
 
     rng: np.random.Generator; the same generator state gives the same view.
     """
-    resized = resize_short_side(image, resize_size)
+    return random_rotated_crop(resize_short_side(image, resize_size), rng, crop_size, max_rotation)
+
+
+def random_rotated_crop(resized, rng, crop_size, max_rotation=AUG_MAX_ROTATION_DEG):
+    """`augment` of an image already resized (resize_short_side): several copies share one resize."""
     h, w = resized.shape[:2]
     angle = rng.uniform(-max_rotation, max_rotation)
     rotation = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
@@ -725,10 +729,13 @@ class Preprocessing:
         image = (check_rgb_array(image) if isinstance(image, np.ndarray)
                  else load_image(os.fspath(image), self.bit_depth, self.max_pixels))
         shape, image = image.shape[:2], to_training_size(image, self.training_size)
-        return [[network_view(image, resize_size, size)]
-                + [augment(image, np.random.default_rng([seed, index, copy]), resize_size, size, self.max_rotation)
-                   for copy in range(1, 1 + copies)]
-                for resize_size, size in self.geometries], shape
+        views = []
+        for resize_size, size in self.geometries:
+            resized = resize_short_side(image, resize_size)  # once for the plain view and every copy
+            views.append([center_crop(resized, size)]
+                         + [random_rotated_crop(resized, np.random.default_rng([seed, index, copy]), size,
+                                                self.max_rotation) for copy in range(1, 1 + copies)])
+        return views, shape
 
     def mask_view(self, mask, image_shape):
         """A mask path or bool array of the image's (H, W) -> (S, S) bool in the largest view's geometry.

@@ -49,11 +49,11 @@ def _downdate(coords, members, n):
     return left_out, left_out.sum(axis=-2) / (n - g), np.eye(g) + 1.0 / (n - g)
 
 
-def _quadratic(coords, eigenvalues, members, n, c1, c2, pieces=None):
+def _quadratic(coords, eigenvalues, members, n, c1, c2, pieces):
     """y^T (c1 T_K + c2 I)^-1 y of every group's query y = x_q - m_K -> (..., G). c1, c2: (..., G).
     T_K = diag(eigenvalues) - Zg^T M Zg in the span's coordinates; the query lies in the span. pieces:
-    _downdate's, where the caller has them."""
-    left_out, shift, m = pieces or _downdate(coords, members, n)
+    _downdate's."""
+    left_out, shift, m = pieces
     query = coords[..., members[:, 0], :] + shift                                     # (..., G, r)
     diagonal = c1[..., None] * eigenvalues[..., None, :] + c2[..., None]              # A (..., G, r)
     diagonal = np.maximum(diagonal, np.finfo(np.float64).tiny)
@@ -67,12 +67,13 @@ def _quadratic(coords, eigenvalues, members, n, c1, c2, pieces=None):
     return np.einsum('...r,...r->...', query, query / diagonal) + correction
 
 
-def ledoit_wolf_distances(rows, groups):
+def ledoit_wolf_distances(rows, groups, basis=None):
     """Leave-one-image-out distances under sklearn's LedoitWolf Gaussian (empirical covariance shrunk
-    towards mu I by the Ledoit-Wolf coefficient, both recomputed without the image): rows (n, C) -> (G,)."""
+    towards mu I by the Ledoit-Wolf coefficient, both recomputed without the image): rows (n, C) -> (G,).
+    basis: spectral_basis(rows), where the caller has it."""
     rows = np.asarray(rows, np.float64)
     members, _ = _groups(groups)
-    basis = spectral_basis(rows)
+    basis = spectral_basis(rows) if basis is None else basis
     kept = _kept_mask(basis.values)
     coords, eigenvalues = ((rows - basis.mean) @ basis.vectors)[:, kept], basis.values[kept]
     norms = np.einsum('nr,nr->n', coords, coords)
@@ -121,12 +122,13 @@ def ledoit_wolf_shrinkage(count, channels, trace, frobenius, fourth):
     return (np.zeros_like(shrinkage) if channels == 1 else shrinkage), mu
 
 
-def ledoit_wolf_precision(rows):
+def ledoit_wolf_precision(rows, basis=None):
     """sklearn's LedoitWolf().fit(rows) as (location (C,), precision (C, C)) float64, the precision as
     its get_precision (scipy's pinvh: eigenvalues at or below max * C * eps count as 0), from the
     eigenbasis of the data's span (the n x n Gram matrix when n <= C: a 1280-channel level of 220 images
-    costs a 220 x 220 eigendecomposition instead of a 1280 x 1280 one). rows (n, C)."""
-    basis = spectral_basis(rows)
+    costs a 220 x 220 eigendecomposition instead of a 1280 x 1280 one). rows (n, C); basis:
+    spectral_basis(rows), where the caller has it."""
+    basis = spectral_basis(rows) if basis is None else basis
     n, c = np.shape(rows)
     centred = np.asarray(rows, np.float64) - basis.mean
     norms = np.einsum('nc,nc->n', centred, centred)

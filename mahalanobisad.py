@@ -135,9 +135,8 @@ def load_or_fit(detector, args):
     it exists, else fitted and saved."""
     feat_path = feature_file_path(args)
     if os.path.exists(feat_path):
-        fitted = Detector.load(feat_path, model=args.model, method=args.method, model_dir=args.model_dir,
-                               model_url=args.model_url, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                               provider=detector.provider, int8=args.int8 or None, input_size=args.input_size)
+        fitted = Detector.load(feat_path, **detector.load_options(), int8=args.int8 or None,
+                               input_size=args.input_size)
         if args.feat is None:
             wanted = dict(detector.settings(), train_dir=os.path.abspath(args.train_dir))
             check_settings(feat_path, fitted.meta_, wanted, FIT_SETTINGS, 'was fitted differently',

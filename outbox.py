@@ -60,11 +60,12 @@ class Outbox:
         # Sequence numbers only grow while this process runs (the senders read after the last one they
         # took); numbering afresh from the largest stored one at each start keeps the order across runs.
         self._next_seq = self._db.execute('SELECT COALESCE(MAX(seq), 0) + 1 FROM messages').fetchone()[0]
-        others = {d: n for d, n in self.depth().items() if d not in self.destinations}
-        for destination, count in others.items():
-            logger.warning('outbox %s holds %d messages for %s, which this run does not publish to: they stay '
-                           'until a run publishes there', self.path, count, destination)
-        waiting = sum(n for d, n in self.depth().items() if d in self.destinations)
+        stored = self.depth()
+        for destination, count in stored.items():
+            if destination not in self.destinations:
+                logger.warning('outbox %s holds %d messages for %s, which this run does not publish to: they '
+                               'stay until a run publishes there', self.path, count, destination)
+        waiting = sum(n for d, n in stored.items() if d in self.destinations)
         if waiting:
             logger.info('outbox %s: %d messages from an earlier run are sent first', self.path, waiting)
 

@@ -410,6 +410,7 @@ class LineReport:
         self.detector, self.source, self.publisher, self.metrics = detector, source, publisher, metrics
         self.window = conditions.DriftWindow(drift_window)
         self.shift = conditions.ScoreShiftWindow(shift_window)
+        self._shift_reference = (None, None)  # (the detector, the median of its held-out scores)
         self.drifted = 0
         self._lock = threading.Lock()  # the console reports from several request threads
 
@@ -447,14 +448,20 @@ class LineReport:
             if drift is not None:
                 self._drift_warning(drift)
                 records.append({'drift': drift})
-            # Images judged normal only (ScoreShiftWindow). The reference follows the detector: the console
-            # swaps it when a review is applied or undone.
-            shift = None if result.anomaly else self.shift.add(
-                result.score, thresholds.conformal_threshold(self.detector.holdout_.image, 0.5)[0])
+            shift = None if result.anomaly else self.shift.add(result.score, self._held_out_median())  # judged normal
             if shift is not None:
                 self._shift_warning(shift)
                 records.append({'score_shift': shift})
             return records
+
+    def _held_out_median(self):
+        """The score-shift window's reference for the detector now (the console swaps the detector when a
+        review is applied or undone), computed once per detector."""
+        detector, median = self._shift_reference
+        if detector is not self.detector:
+            median = thresholds.conformal_threshold(self.detector.holdout_.image, 0.5)[0]
+            self._shift_reference = (self.detector, median)
+        return median
 
     def _drift_warning(self, event):
         if self.metrics:

@@ -81,7 +81,7 @@ def main(argv=None):
             judged_normal = scores[name][scores[name] < threshold]
             above = int(np.sum(judged_normal >= reference))
             row[f'{name}_above_median'] = above / len(judged_normal)
-            row[f'{name}_p'] = float(f'{conditions.binomial_tail(above, len(judged_normal)):.3g}')
+            row[f'{name}_p'] = float(f'{conditions.upper_tail_counts(len(judged_normal))[above] / 2 ** len(judged_normal):.3g}')
         firsts = first_warnings(rng, scores['test_good'], detector.decision_function(defects), reference, threshold,
                                 args)
         warned = [f for f in firsts if f is not None]
